@@ -1,0 +1,2058 @@
+#!/usr/bin/env python3
+"""noyo-listener: receive Noyo webhooks, store them durably, fetch the truth.
+
+A single-module daemon. A Bottle app served by waitress verifies each signed
+POST and commits it to SQLite (WAL) before answering 200; a worker thread in
+the same process drains that inbox, fetches the object each event points to
+from the Noyo REST API, and keeps the latest state of every difference and
+other object in tables an operator reads with the ``sqlite3`` CLI.
+
+Sections, in the order data flows:
+configuration -> storage -> signature -> HTTP app -> Noyo client -> worker
+-> command line -> main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import configparser
+import dataclasses
+import datetime as dt
+import email.utils
+import errno
+import fcntl
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import queue
+import random
+import re
+import signal
+import sqlite3
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from typing import Any, Callable, Iterable
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("noyo_listener")
+
+USER_AGENT = f"noyo-listener/{__version__}"
+
+# The example ini ships this secret so the listener runs as is on a laptop.
+# `serve` warns loudly while it is configured: anyone can read it here.
+DEVELOPMENT_SECRET = "noyo-listener-development-secret-change-me"
+
+
+# --- Configuration ---------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one readable line."""
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SECRET_NAME_RE = re.compile(r"^([A-Za-z0-9_.-]{1,64}):(.+)$")
+_FETCH_PLACEHOLDERS = {"id": "ID", "tracking_url": "T", "fulfillment_url": "F"}
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``500ms``, ``10s``, ``5m``, ``1h``, ``4d`` or bare seconds into seconds."""
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise ValueError("expected a number with a unit ms, s, m, h or d, like 10s")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling of a duration, for check-config output."""
+    for unit in ("d", "h", "m", "s"):
+        size = _DURATION_UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    if seconds == 0:
+        return "0"
+    return f"{seconds * 1000:g}ms"
+
+
+def parse_secrets(text: str) -> list[tuple[str, str]]:
+    """Parse ``name:secret, other`` into ``[(name, secret), ...]``.
+
+    A bare secret is named by its position (``secret1``, ``secret2``...), so
+    the ``deliveries`` table can still say which one matched.
+    """
+    secrets: list[tuple[str, str]] = []
+    for position, item in enumerate(text.split(","), start=1):
+        item = item.strip()
+        if not item:
+            continue
+        match = _SECRET_NAME_RE.match(item)
+        name, secret = (match.group(1), match.group(2).strip()) if match else (f"secret{position}", item)
+        if not secret:
+            raise ValueError(f"secret {name!r} is empty")
+        if any(name == other for other, _ in secrets):
+            raise ValueError(f"secret name {name!r} is used twice")
+        secrets.append((name, secret))
+    return secrets
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return convert
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _url_path(text: str) -> str:
+    text = text.strip()
+    if not text.startswith("/") or any(c.isspace() for c in text):
+        raise ValueError("must start with / and contain no spaces")
+    if text == "/healthz":
+        raise ValueError("/healthz is reserved for the health check")
+    return text
+
+
+def _http_url(text: str) -> str:
+    text = text.strip().rstrip("/")
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        value = text.strip()
+        for choice in choices:
+            if value.lower() == choice.lower():
+                return choice
+        raise ValueError("must be one of " + ", ".join(choices))
+
+    return convert
+
+
+def _duration_at_least(minimum: float) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        value = parse_duration(text)
+        if value < minimum:
+            raise ValueError(f"must be at least {format_duration(minimum)}")
+        return value
+
+    return convert
+
+
+def _optional(text: str) -> str:
+    return text.strip()
+
+
+# (section, key) -> (converter, default, is_secret). The default is ini text,
+# converted like any value from the file, so check-config shows one truth.
+_SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
+    "server": {
+        "host": (_nonempty, "127.0.0.1", False),
+        "port": (_int_in(0, 65535), "8080", False),  # 0 picks a free port
+        "path": (_url_path, "/noyo/webhooks", False),
+        "threads": (_int_in(1, 256), "8", False),
+        "max_body_bytes": (_int_in(1, 64 * 1024 * 1024), "1048576", False),
+    },
+    "webhook": {
+        "secrets": (parse_secrets, "", True),
+        "signature_payload": (_choice("auto", "timestamp.body", "body"), "auto", False),
+        "max_timestamp_age": (_duration_at_least(0), "4d", False),  # 0 = no age check
+        "max_clock_skew": (_duration_at_least(0), "5m", False),
+    },
+    "database": {
+        "path": (_nonempty, "noyo_listener.sqlite3", False),
+        "synchronous": (_choice("OFF", "NORMAL", "FULL", "EXTRA"), "FULL", False),
+        "dedupe_days": (_int_in(1, 3650), "30", False),
+        "busy_timeout": (_duration_at_least(0.001), "5s", False),
+    },
+    "noyo_api": {
+        "client_id": (_optional, "", True),
+        "client_secret": (_optional, "", True),
+        "token_url": (_http_url, "https://accounts.noyo.com/auth/public/token", False),
+        "tracking_url": (_http_url, "https://tracking.noyo.com", False),
+        "fulfillment_url": (_http_url, "https://fulfillment.noyo.com", False),
+        "timeout": (_duration_at_least(0.001), "10s", False),
+    },
+    "worker": {
+        "concurrency": (_int_in(1, 64), "4", False),
+        "max_attempts": (_int_in(1, 1000), "20", False),
+        "backoff_initial": (_duration_at_least(0.001), "1s", False),
+        "backoff_max": (_duration_at_least(0.001), "1h", False),
+    },
+    "log": {
+        "level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", False),
+    },
+}
+
+DEFAULT_FETCH = {
+    "difference": "{tracking_url}/api/v1/differences/{id}",
+    "member_snapshot": "{fulfillment_url}/api/v1/member_snapshots/{id}",
+    "group": "{fulfillment_url}/api/v1/groups/{id}",
+    "group_connection_request": "{fulfillment_url}/api/v1/group_connections/{id}",
+    "group_disconnection_request": "{fulfillment_url}/api/v1/group_disconnection_requests/{id}",
+}
+
+# Secrets that may come from the environment or systemd credentials; those win
+# over the file (credentials over environment: they are the more deliberate).
+_SECRET_SOURCES = {
+    "NOYO_WEBHOOK_SECRETS": ("webhook", "secrets"),
+    "NOYO_CLIENT_ID": ("noyo_api", "client_id"),
+    "NOYO_CLIENT_SECRET": ("noyo_api", "client_secret"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The effective configuration: defaults, then the ini, then env/credentials."""
+
+    values: dict[str, dict[str, Any]]
+    fetch: dict[str, str]
+    sources: dict[tuple[str, str], str]  # where a secret came from, for check-config
+    config_path: str
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.values[section]
+
+    def fetch_url(self, kind: str, object_id: str) -> str | None:
+        """The URL of the object an event of ``kind`` points to, or None."""
+        template = self.fetch.get(kind)
+        if template is None:
+            return None
+        api = self.values["noyo_api"]
+        return template.format(
+            id=urllib.parse.quote(object_id, safe=""),
+            tracking_url=api["tracking_url"],
+            fulfillment_url=api["fulfillment_url"],
+        )
+
+    @property
+    def fetching_enabled(self) -> bool:
+        api = self.values["noyo_api"]
+        return bool(api["client_id"] and api["client_secret"])
+
+
+def _read_secret_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Secrets from ``$CREDENTIALS_DIRECTORY`` and the environment: name -> (value, source)."""
+    found: dict[str, tuple[str, str]] = {}
+    for name in _SECRET_SOURCES:
+        if environ.get(name):
+            found[name] = (environ[name], "environment")
+    cred_dir = environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        for name in _SECRET_SOURCES:
+            path = os.path.join(cred_dir, name)
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    found[name] = (handle.read().strip(), "credential")
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ConfigError(f"cannot read credential {path}: {exc.strerror}") from None
+    return found
+
+
+def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
+    """Read and validate the ini at ``path``; raise ConfigError with one line."""
+    environ = dict(os.environ if environ is None else environ)
+    parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} not found; pass --config PATH or set NOYO_LISTENER_CONFIG"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a valid ini file: " + " ".join(str(exc).split())) from None
+
+    for section in parser.sections():
+        if section not in _SCHEMA and section != "fetch":
+            raise ConfigError(f"{path}: unknown section [{section}]; known: " + ", ".join([*_SCHEMA, "fetch"]))
+        if section in _SCHEMA:
+            for key in parser[section]:
+                if key not in _SCHEMA[section]:
+                    known = ", ".join(_SCHEMA[section])
+                    raise ConfigError(f"[{section}] {key} is not a known key; known keys: {known}")
+
+    raw = {section: {key: spec[1] for key, spec in keys.items()} for section, keys in _SCHEMA.items()}
+    sources: dict[tuple[str, str], str] = {}
+    for section in _SCHEMA:
+        if parser.has_section(section):
+            for key, text in parser[section].items():
+                raw[section][key] = text
+                sources[(section, key)] = "file"
+    for name, (text, source) in _read_secret_overrides(environ).items():
+        section, key = _SECRET_SOURCES[name]
+        raw[section][key] = text
+        sources[(section, key)] = f"{source} {name}"
+
+    values: dict[str, dict[str, Any]] = {}
+    for section, keys in _SCHEMA.items():
+        values[section] = {}
+        for key, (convert, _default, is_secret) in keys.items():
+            text = raw[section][key]
+            try:
+                values[section][key] = convert(text)
+            except ValueError as exc:
+                shown = "" if is_secret else f" (got {text!r})"
+                raise ConfigError(f"[{section}] {key}: {exc}{shown}") from None
+
+    fetch = dict(DEFAULT_FETCH)
+    if parser.has_section("fetch"):
+        for kind, template in parser["fetch"].items():
+            template = template.strip()
+            if not template:
+                fetch.pop(kind, None)  # an empty entry turns the kind off
+                continue
+            try:
+                url = template.format(**_FETCH_PLACEHOLDERS)
+            except (KeyError, IndexError, ValueError):
+                raise ConfigError(
+                    f"[fetch] {kind}: only {{id}}, {{tracking_url}} and {{fulfillment_url}} "
+                    f"may appear in the template (got {template!r})"
+                ) from None
+            if "{id}" not in template:
+                raise ConfigError(f"[fetch] {kind}: the template must contain {{id}} (got {template!r})")
+            fetch[kind] = template
+            del url
+
+    settings = Settings(values=values, fetch=fetch, sources=sources, config_path=path)
+    _validate_together(settings)
+    return settings
+
+
+def _validate_together(settings: Settings) -> None:
+    """Refuse combinations of keys that are each valid but wrong together."""
+    webhook, database, worker, api = (
+        settings["webhook"], settings["database"], settings["worker"], settings["noyo_api"])
+    if not webhook["secrets"]:
+        raise ConfigError(
+            "[webhook] secrets is empty: set it in the ini, in NOYO_WEBHOOK_SECRETS "
+            "or as the systemd credential NOYO_WEBHOOK_SECRETS"
+        )
+    if webhook["max_timestamp_age"] > database["dedupe_days"] * 86400:
+        raise ConfigError(
+            "[webhook] max_timestamp_age must not exceed [database] dedupe_days, or a replay "
+            f"older than the dedupe window would be accepted (got {format_duration(webhook['max_timestamp_age'])} "
+            f"> {database['dedupe_days']}d)"
+        )
+    if worker["backoff_max"] < worker["backoff_initial"]:
+        raise ConfigError(
+            f"[worker] backoff_max must be >= backoff_initial (got {format_duration(worker['backoff_max'])} "
+            f"< {format_duration(worker['backoff_initial'])})"
+        )
+    if bool(api["client_id"]) != bool(api["client_secret"]):
+        raise ConfigError("[noyo_api] set both client_id and client_secret, or neither (fetching off)")
+
+
+def mask_secret(secret: str) -> str:
+    """Show that a secret is set without revealing it."""
+    return "********" if secret else "(not set)"
+
+
+def describe_settings(settings: Settings) -> list[str]:
+    """The effective settings as ini lines, secrets masked (for check-config and the log)."""
+    lines = [f"# effective settings of {settings.config_path}"]
+    for section, keys in _SCHEMA.items():
+        lines.append(f"[{section}]")
+        for key, (_convert, _default, is_secret) in keys.items():
+            value = settings[section][key]
+            if key == "secrets":
+                shown = ", ".join(f"{name}:{mask_secret(secret)}" for name, secret in value)
+            elif key == "client_id":
+                shown = value or "(not set)"  # an identifier, not a secret
+            elif is_secret:
+                shown = mask_secret(value)
+            elif isinstance(value, float):
+                shown = format_duration(value)
+            else:
+                shown = str(value)
+            source = settings.sources.get((section, key), "default")
+            suffix = f"  # from {source}" if source not in ("file",) else ""
+            lines.append(f"{key} = {shown}{suffix}")
+    lines.append("[fetch]")
+    lines.extend(f"{kind} = {template}" for kind, template in sorted(settings.fetch.items()))
+    return lines
+
+
+# --- Storage ---------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """The database could not commit a write; the caller must not acknowledge."""
+
+
+def utc_iso(timestamp: float | None = None) -> str:
+    """UTC ISO 8601 text with milliseconds, as every timestamp this program writes."""
+    if timestamp is None:
+        timestamp = time.time()
+    whole = int(timestamp)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % int((timestamp - whole) * 1000)
+
+
+def parse_utc_iso(text: str) -> float:
+    """Seconds since the epoch of an ISO 8601 timestamp (naive means UTC)."""
+    parsed = dt.datetime.fromisoformat(text.strip())
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed.timestamp()
+
+
+# Each migration and its user_version commit together (sqlite-utils style).
+# Migration N takes the schema from version N-1 to N; never edit a shipped one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE events (
+        event_id        TEXT PRIMARY KEY,
+        type            TEXT NOT NULL,
+        data_id         TEXT,
+        created         INTEGER,               -- Noyo's event.created, unix seconds
+        received_at     TEXT NOT NULL,         -- first arrival, UTC ISO 8601
+        payload         TEXT NOT NULL,         -- the raw JSON body
+        status          TEXT NOT NULL CHECK (status IN ('pending', 'done', 'ignored', 'dead')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT,
+        last_error      TEXT,
+        delivery_count  INTEGER NOT NULL DEFAULT 1,
+        processed_at    TEXT,
+        lease_until     TEXT                   -- set while a fetch is in flight
+    );
+    CREATE INDEX events_due ON events (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX events_object ON events (data_id, type);
+    CREATE INDEX events_type_status ON events (type, status);
+    CREATE INDEX events_received ON events (received_at);
+
+    CREATE TABLE deliveries (
+        id             INTEGER PRIMARY KEY,
+        event_id       TEXT NOT NULL,
+        received_at    TEXT NOT NULL,
+        noyo_timestamp TEXT,
+        trace_context  TEXT,
+        secret_name    TEXT NOT NULL,
+        signature_form TEXT NOT NULL CHECK (signature_form IN ('timestamp.body', 'body')),
+        duplicate      INTEGER NOT NULL CHECK (duplicate IN (0, 1))
+    );
+    CREATE INDEX deliveries_event ON deliveries (event_id);
+    CREATE INDEX deliveries_received ON deliveries (received_at);
+
+    CREATE TABLE differences (
+        id                        TEXT PRIMARY KEY,
+        state                     TEXT NOT NULL CHECK (state IN ('pending', 'discrepancy', 'resolved', 'replaced')),
+        resolved                  INTEGER,
+        discrepancy_time          INTEGER,
+        modified                  INTEGER,
+        version                   INTEGER,
+        group_id                  TEXT,
+        employee_id               TEXT,
+        carrier_id                TEXT,
+        difference_type           TEXT,
+        difference_classification TEXT,
+        last_event_type           TEXT,
+        last_event_created        INTEGER,
+        replaced                  INTEGER NOT NULL DEFAULT 0,  -- a difference.replaced event was seen
+        replaced_by               TEXT,
+        fetched_at                TEXT,
+        body                      TEXT
+    );
+    CREATE INDEX differences_state ON differences (state, group_id);
+
+    CREATE TABLE resources (
+        kind       TEXT NOT NULL,
+        id         TEXT NOT NULL,
+        modified   INTEGER,
+        fetched_at TEXT NOT NULL,
+        body       TEXT NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+
+    -- Small facts the daemon shares with `status` (API state, last fetch...).
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, readonly: bool = False) -> sqlite3.Connection:
+    """Open ``path`` with the pragmas every connection of this program uses.
+
+    Autocommit mode: writers say ``BEGIN IMMEDIATE`` themselves, so a
+    transaction never upgrades from read to write halfway (which can fail
+    with SQLITE_BUSY regardless of the busy timeout).
+    """
+    if readonly:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    if not readonly:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            conn.close()
+            raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {mode}); is it on a network filesystem?")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _create_private_file(path: str) -> None:
+    """Create the database file readable by its owner only (it holds PII).
+
+    SQLite gives the -wal and -shm files the mode of the database file, so
+    this one decision covers all three.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077:
+            os.fchmod(fd, 0o600)
+            logger.warning("database file was readable by others; mode set to 0600 path=%s was=%o", path, mode)
+    finally:
+        os.close(fd)
+
+
+def migrate(conn: sqlite3.Connection, path: str) -> int:
+    """Bring the schema to SCHEMA_VERSION; return the version found before."""
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {found}, newer than this program's {SCHEMA_VERSION}; "
+            "run the newer noyo_listener.py or restore a backup"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(MIGRATIONS[version - 1]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        logger.info("database schema migrated path=%s version=%d", path, version)
+    return found
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (executescript would COMMIT on its own)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return [s for s in statements if s]
+
+
+class _WriteJob:
+    """One unit of work for the writer thread; the submitter waits on it."""
+
+    __slots__ = ("fn", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+_STOP = object()
+
+
+class Store:
+    """The SQLite database: one writer thread, group commit, short reads.
+
+    Every write goes through one thread that owns the write connection.
+    Jobs that arrive while a transaction is being committed are committed
+    together in the next one, so many acknowledgements share one fsync while
+    each still waits for its own row to be on disk. Several connections
+    writing at once would instead make SQLite's busy handler sleep for
+    milliseconds (see PERF-NOTES).
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = 5.0) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.busy_timeout = busy_timeout
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self.last_commit_error: str | None = None
+
+    def open(self) -> None:
+        """Create or migrate the database and start the writer thread."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise StoreError(f"directory {directory} for [database] path does not exist; create it first")
+        try:
+            _create_private_file(self.path)
+            conn = connect(self.path, self.synchronous, self.busy_timeout)
+            migrate(conn, self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc.strerror}") from None
+        self._conn = conn
+        self._writer = threading.Thread(target=self._run_writer, name="noyo-writer", daemon=True)
+        self._writer.start()
+
+    def writer_alive(self) -> bool:
+        return self._writer is not None and self._writer.is_alive()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> _WriteJob:
+        """Queue ``fn(conn)`` to run inside the next write transaction."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        job = _WriteJob(fn)
+        self._queue.put(job)
+        return job
+
+    def write(self, fn: Callable[[sqlite3.Connection], Any], timeout: float | None = None) -> Any:
+        """Run ``fn(conn)`` in a write transaction; return its result once committed.
+
+        Raises StoreError if the commit failed or did not finish in ``timeout``
+        seconds; then nothing may be acknowledged (the job may still commit
+        later, which is safe: events are deduplicated by id).
+        """
+        job = self.submit(fn)
+        if timeout is None:
+            timeout = self.busy_timeout * 2 + 5
+        if not job.done.wait(timeout):
+            raise StoreError(f"commit did not finish within {timeout:g}s")
+        if job.error is not None:
+            raise StoreError(str(job.error)) from job.error
+        return job.result
+
+    def read(self) -> sqlite3.Connection:
+        """A new connection for reading (WAL readers never block the writer)."""
+        return connect(self.path, self.synchronous, self.busy_timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued, stop the writer, close. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join(timeout)
+            if self._writer.is_alive():
+                logger.warning("database writer did not stop within %gs", timeout)
+                return
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                logger.warning("WAL checkpoint at close failed error=%s", exc)
+            self._conn.close()
+            self._conn = None
+
+    def _run_writer(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+
+    def _commit(self, batch: list[_WriteJob]) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [job.fn(conn) for job in batch]
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - every job must get an answer
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if len(batch) > 1:
+                # One bad job must not fail the others: retry each on its own.
+                for job in batch:
+                    self._commit([job])
+                return
+            job = batch[0]
+            job.error = exc
+            self.last_commit_error = str(exc)
+            if isinstance(exc, sqlite3.Error):
+                logger.error("database commit failed error=%s", exc)
+            else:
+                logger.exception("database write job failed")
+            job.done.set()
+            return
+        if self.last_commit_error is not None:
+            logger.info("database commits work again")
+            self.last_commit_error = None
+        for job, result in zip(batch, results):
+            job.result = result
+            job.done.set()
+
+
+# Writes that several sections share. Each takes the writer's connection.
+
+_INSERT_EVENT = """
+    INSERT INTO events (event_id, type, data_id, created, received_at, payload,
+                        status, next_attempt_at, last_error)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (event_id) DO NOTHING
+"""
+_COUNT_DELIVERY = "UPDATE events SET delivery_count = delivery_count + 1 WHERE event_id = ?"
+_INSERT_DELIVERY = """
+    INSERT INTO deliveries (event_id, received_at, noyo_timestamp, trace_context,
+                            secret_name, signature_form, duplicate)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+
+
+@dataclasses.dataclass
+class IncomingEvent:
+    """An authentic webhook, ready to be stored."""
+
+    event_id: str
+    type: str
+    data_id: str | None
+    created: int | float | None
+    payload: str
+    status: str
+    last_error: str | None
+    received_at: str
+    noyo_timestamp: str | None
+    trace_context: str | None
+    secret_name: str
+    signature_form: str
+
+
+def store_event(conn: sqlite3.Connection, event: IncomingEvent) -> bool:
+    """Insert the event (or count a repeat) and its delivery; return True if a duplicate.
+
+    The primary key decides what is a duplicate (never select-then-insert),
+    so concurrent deliveries of one event id leave exactly one row.
+    """
+    next_attempt = event.received_at if event.status == "pending" else None
+    inserted = conn.execute(_INSERT_EVENT, (
+        event.event_id, event.type, event.data_id, event.created, event.received_at,
+        event.payload, event.status, next_attempt, event.last_error,
+    )).rowcount
+    duplicate = inserted == 0
+    if duplicate:
+        conn.execute(_COUNT_DELIVERY, (event.event_id,))
+    conn.execute(_INSERT_DELIVERY, (
+        event.event_id, event.received_at, event.noyo_timestamp, event.trace_context,
+        event.secret_name, event.signature_form, int(duplicate),
+    ))
+    return duplicate
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+class InstanceLock:
+    """One `serve` per database: a second one would race the first's worker."""
+
+    def __init__(self, db_path: str) -> None:
+        self.path = db_path + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise StoreError(
+                    f"another noyo-listener is already serving {os.path.abspath(self.path[:-5])} "
+                    f"(lock {self.path} is held); stop it first"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# --- Signature -------------------------------------------------------------
+
+
+FORM_TIMESTAMP_BODY = "timestamp.body"
+FORM_BODY = "body"
+MAX_SIGNATURES = 16  # more entries in one header are ignored (bounded work)
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureMatch:
+    secret_name: str
+    form: str
+
+
+class SignatureVerifier:
+    """Checks ``x-noyo-signature`` against every configured secret.
+
+    Noyo's docs contradict themselves on what is signed, so ``auto`` accepts
+    an HMAC over ``<timestamp>.<body>`` or over the body alone and reports
+    which one matched. Comparison is constant-time (``hmac.compare_digest``).
+    """
+
+    def __init__(self, secrets: list[tuple[str, str]], payload_mode: str = "auto") -> None:
+        # A keyed HMAC object per secret, copied per request: saves the key setup.
+        self._keyed = [(name, hmac.new(secret.encode("utf-8"), digestmod=hashlib.sha256)) for name, secret in secrets]
+        self._forms = {
+            "auto": (FORM_TIMESTAMP_BODY, FORM_BODY),
+            FORM_TIMESTAMP_BODY: (FORM_TIMESTAMP_BODY,),
+            FORM_BODY: (FORM_BODY,),
+        }[payload_mode]
+
+    def verify(self, header: str | None, timestamp: str | None, body: bytes) -> SignatureMatch | None:
+        """Return which secret and form matched, or None if none did."""
+        candidates = parse_signature_header(header)
+        if not candidates:
+            return None
+        for form in self._forms:
+            if form == FORM_TIMESTAMP_BODY and timestamp is None:
+                continue
+            prefix = timestamp.encode("latin-1") + b"." if form == FORM_TIMESTAMP_BODY else b""
+            for name, keyed in self._keyed:
+                mac = keyed.copy()
+                if prefix:
+                    mac.update(prefix)
+                mac.update(body)
+                expected = mac.hexdigest().encode("ascii")
+                matched = False
+                for candidate in candidates:
+                    # Do every comparison: which entry matched must not show in the timing.
+                    matched |= hmac.compare_digest(expected, candidate)
+                if matched:
+                    return SignatureMatch(name, form)
+        return None
+
+
+def parse_signature_header(header: str | None) -> list[bytes]:
+    """Split a comma-separated signature header into lowercase byte strings."""
+    if not header:
+        return []
+    # WSGI gives header values as latin-1 decoded text; undo that losslessly.
+    entries = [entry.strip().lower() for entry in header.split(",")]
+    return [entry.encode("latin-1") for entry in entries if entry][:MAX_SIGNATURES]
+
+
+def sign(secret: str, body: bytes, timestamp: str | None = None) -> str:
+    """Noyo's signature: hex HMAC-SHA256 of ``<timestamp>.<body>`` (or of the body)."""
+    message = body if timestamp is None else timestamp.encode("latin-1") + b"." + body
+    return hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def check_timestamp(header: str | None, now: float, max_age: float, max_skew: float) -> str | None:
+    """Return why ``x-noyo-timestamp`` is outside the window, or None if it is fine.
+
+    ``max_age`` of 0 turns the check off entirely.
+    """
+    if max_age <= 0:
+        return None
+    if not header:
+        return "no_timestamp"
+    try:
+        sent = parse_utc_iso(header)
+    except ValueError:
+        return "bad_timestamp"
+    age = now - sent
+    if age > max_age:
+        return "timestamp_too_old"
+    if -age > max_skew:
+        return "timestamp_in_future"
+    return None
+
+
+# --- HTTP app --------------------------------------------------------------
+
+import bottle  # noqa: E402  (third-party imports sit with the section that needs them)
+import waitress  # noqa: E402
+import waitress.channel  # noqa: E402
+import waitress.task  # noqa: E402
+
+_JSON = [("Content-Type", "application/json")]
+_OK = b'{"ok": true}'
+_OK_DUPLICATE = b'{"ok": true, "duplicate": true}'
+MAX_EVENT_ID_LENGTH = 200
+
+
+def _json_error(message: str) -> bytes:
+    return json.dumps({"ok": False, "error": message}).encode()
+
+
+class BadEvent(ValueError):
+    """An authentic body that cannot be an event (answer 400)."""
+
+
+def parse_event(body: bytes, fetch_kinds: Iterable[str]) -> tuple[dict, str, str, str | None, Any, str, str | None]:
+    """Decode an authentic body into what the ``events`` row needs.
+
+    Returns ``(obj, event_id, type, data_id, created, status, last_error)``.
+    An event without ``event.id`` is stored under ``sha256:<hex of body>`` so
+    it is not lost and its retries still deduplicate.
+    """
+    try:
+        text = body.decode("utf-8")
+        obj = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadEvent("body is not UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise BadEvent("body is not a JSON object")
+    event = obj.get("event") if isinstance(obj.get("event"), dict) else {}
+    data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
+
+    event_id = event.get("id")
+    if not isinstance(event_id, str) or not event_id.strip() or len(event_id) > MAX_EVENT_ID_LENGTH:
+        event_id = "sha256:" + hashlib.sha256(body).hexdigest()
+    event_type = event.get("type") if isinstance(event.get("type"), str) else ""
+    data_id = data.get("id")
+    data_id = str(data_id) if isinstance(data_id, (str, int)) and not isinstance(data_id, bool) and str(data_id) else None
+    created = event.get("created")
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        created = None
+
+    kind = event_type.split(".", 1)[0]
+    if kind == "test" or kind not in fetch_kinds:
+        status, last_error = "ignored", None
+    elif data_id is None:
+        status, last_error = "dead", "event has no data.id, so there is nothing to fetch"
+    else:
+        status, last_error = "pending", None
+    return obj, event_id, event_type, data_id, created, status, last_error
+
+
+class Receiver:
+    """The webhook route and the health check, as a Bottle app."""
+
+    def __init__(self, settings: Settings, store: Store, worker: "Worker | None" = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.worker = worker
+        self.configure(settings)
+        self.app = self._build_app()
+
+    def configure(self, settings: Settings) -> None:
+        """(Re)read the parts of the settings a request uses."""
+        webhook = settings["webhook"]
+        self.verifier = SignatureVerifier(webhook["secrets"], webhook["signature_payload"])
+        self.max_age = webhook["max_timestamp_age"]
+        self.max_skew = webhook["max_clock_skew"]
+        self.max_body = settings["server"]["max_body_bytes"]
+        self.fetch_kinds = frozenset(settings.fetch)
+
+    def _build_app(self) -> bottle.Bottle:
+        app = bottle.Bottle(catchall=True)
+        app.config["json.enable"] = False  # answers are pre-encoded bytes
+        app.route(self.settings["server"]["path"], "POST", self.receive_webhook)
+        app.route("/healthz", "GET", self.healthz)
+        for code in (404, 405, 500):
+            app.error(code)(self._error_page)
+        return app
+
+    def _answer(self, status: int, body: bytes) -> bottle.HTTPResponse:
+        return bottle.HTTPResponse(body=body, status=status, headers=_JSON)
+
+    def _reject(self, status: int, reason: str, environ: dict, message: str) -> bottle.HTTPResponse:
+        logger.warning(
+            "webhook rejected status=%d reason=%s remote=%s trace=%s",
+            status, reason, environ.get("REMOTE_ADDR", "-"), environ.get("HTTP_X_CLOUD_TRACE_CONTEXT", "-"),
+        )
+        return self._answer(status, _json_error(message))
+
+    def receive_webhook(self) -> bottle.HTTPResponse:
+        """POST <path>: verify, store durably, then answer."""
+        environ = bottle.request.environ
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return self._reject(400, "bad_content_length", environ, "invalid Content-Length")
+        if length > self.max_body:
+            return self._reject(413, "body_too_large", environ, "body too large")
+        body = environ["wsgi.input"].read(length) if length > 0 else b""
+
+        signature = environ.get("HTTP_X_NOYO_SIGNATURE")
+        timestamp = environ.get("HTTP_X_NOYO_TIMESTAMP")
+        if not signature:
+            return self._reject(401, "no_signature", environ, "unauthorized")
+        match = self.verifier.verify(signature, timestamp, body)
+        if match is None:
+            return self._reject(401, "no_matching_signature", environ, "unauthorized")
+        window = check_timestamp(timestamp, time.time(), self.max_age, self.max_skew)
+        if window is not None:
+            return self._reject(401, window, environ, "unauthorized")
+
+        try:
+            _obj, event_id, event_type, data_id, created, status, last_error = parse_event(body, self.fetch_kinds)
+        except BadEvent as exc:
+            return self._reject(400, str(exc).replace(" ", "_"), environ, str(exc))
+
+        event = IncomingEvent(
+            event_id=event_id, type=event_type, data_id=data_id, created=created,
+            payload=body.decode("utf-8"), status=status, last_error=last_error,
+            received_at=utc_iso(), noyo_timestamp=timestamp,
+            trace_context=environ.get("HTTP_X_CLOUD_TRACE_CONTEXT"),
+            secret_name=match.secret_name, signature_form=match.form,
+        )
+        try:
+            duplicate = self.store.write(lambda conn: store_event(conn, event))
+        except StoreError as exc:
+            logger.error("webhook not stored status=503 event_id=%s type=%s error=%s", event_id, event_type, exc)
+            return self._answer(503, _json_error("cannot store the event now; retry later"))
+        logger.info(
+            "webhook stored event_id=%s type=%s status=%s duplicate=%d secret=%s form=%s",
+            event_id, event_type, status, duplicate, match.secret_name, match.form,
+        )
+        if not duplicate and status == "pending" and self.worker is not None:
+            self.worker.wake()
+        return self._answer(200, _OK_DUPLICATE if duplicate else _OK)
+
+    def healthz(self) -> bottle.HTTPResponse:
+        """GET /healthz: 200 when a write commits and the worker runs, else 503."""
+        problems = []
+        try:
+            self.store.write(lambda conn: set_meta(conn, "healthz_at", utc_iso()), timeout=self.store.busy_timeout + 2)
+        except StoreError as exc:
+            problems.append(f"database not writable: {exc}")
+        if self.worker is not None and not self.worker.alive():
+            problems.append("worker is not running")
+        if problems:
+            logger.warning("health check failed problems=%s", "; ".join(problems))
+            return self._answer(503, json.dumps({"ok": False, "problems": problems}).encode())
+        return self._answer(200, _OK)
+
+    def _error_page(self, error: bottle.HTTPError) -> bytes:
+        environ = bottle.request.environ
+        if error.status_code == 500:
+            logger.error("internal error method=%s path=%s error=%r", environ.get("REQUEST_METHOD"),
+                         environ.get("PATH_INFO"), error.exception)
+        else:
+            logger.info("request rejected status=%d method=%s path=%s remote=%s", error.status_code,
+                        environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), environ.get("REMOTE_ADDR", "-"))
+        bottle.response.content_type = "application/json"
+        return _json_error(error.status_line.split(" ", 1)[1].lower())
+
+
+class _LoggedErrorTask(waitress.task.ErrorTask):
+    """waitress answers some bad requests itself (413 on Content-Length, 400 on
+    broken framing) before our app sees them; log those like our own."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        logger.warning("request rejected by http layer status=%d reason=%s remote=%s",
+                       error.code, "_".join(error.reason.lower().split()), self.channel.addr[0] if self.channel.addr else "-")
+        super().execute()
+
+
+class _Channel(waitress.channel.HTTPChannel):
+    error_task_class = _LoggedErrorTask
+
+
+# Chunked bodies are counted by waitress with their framing; leave room for it
+# so a chunked body of exactly max_body_bytes is still ours to judge.
+_CHUNK_FRAMING_SLACK = 64 * 1024
+
+
+def create_http_server(settings: Settings, app: Callable) -> Any:
+    """A waitress server for ``app``, configured from ``[server]``."""
+    server_cfg = settings["server"]
+    server = waitress.create_server(
+        app,
+        host=server_cfg["host"],
+        port=server_cfg["port"],
+        threads=server_cfg["threads"],
+        ident="noyo-listener",
+        # waitress refuses Content-Length >= its limit before reading the body;
+        # +1 makes a body of exactly max_body_bytes acceptable.
+        max_request_body_size=server_cfg["max_body_bytes"] + 1 + _CHUNK_FRAMING_SLACK,
+        asyncore_use_poll=True,  # select() stops at fd 1024
+        connection_limit=1000,
+        channel_timeout=60,
+        expose_tracebacks=False,
+    )
+    server.channel_class = _Channel
+    return server
+
+
+# --- Noyo client -----------------------------------------------------------
+
+
+class FetchError(Exception):
+    """A fetch failed. ``kind`` tells the worker how to react:
+
+    ``transient`` (network, timeout, 5xx, a broken answer), ``rate_limited``
+    (429), ``not_found`` (404: maybe not visible yet), ``auth`` (credentials
+    wrong: pause everything, do not burn attempts).
+    """
+
+    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def token_lifetime(expires_in: Any) -> float:
+    """How long to trust a token, in seconds.
+
+    Noyo says tokens live about 10 minutes but its ``expires_in`` unit is
+    unreliable (seconds or milliseconds), so: read huge values as
+    milliseconds, never trust more than 10 minutes, refresh a margin early.
+    """
+    try:
+        seconds = float(expires_in)
+    except (TypeError, ValueError):
+        seconds = 600.0
+    if seconds > 86400:
+        seconds /= 1000.0
+    seconds = min(seconds, 600.0)
+    return max(5.0, seconds - max(30.0, seconds * 0.1))
+
+
+def unwrap_object(data: Any, expected_id: str) -> dict:
+    """The object in a single-object answer, bare or wrapped as ``{"response": {...}}``."""
+    if isinstance(data, dict) and "id" not in data and isinstance(data.get("response"), dict):
+        data = data["response"]
+    if not isinstance(data, dict):
+        raise FetchError("transient", "answer is not a JSON object")
+    if "id" not in data:
+        raise FetchError("transient", "answer has no id")
+    if str(data["id"]) != expected_id:
+        raise FetchError("transient", f"answer is for id {str(data['id'])[:80]!r}, not {expected_id!r}")
+    return data
+
+
+class _HttpPool:
+    """Keep-alive HTTP(S) connections, one per host per thread."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._local = threading.local()
+        self._ssl = ssl.create_default_context()
+
+    def request(self, method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conns: dict = self._local.__dict__.setdefault("conns", {})
+        while True:
+            conn = conns.pop(key, None)
+            reused = conn is not None
+            if conn is None:
+                if parts.scheme == "https":
+                    conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout, context=self._ssl)
+                else:
+                    conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+            try:
+                conn.request(method, target, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+            except (http.client.HTTPException, OSError):
+                conn.close()
+                # A kept-alive connection the server already closed fails at
+                # once; retry that on a fresh one, but never a timeout.
+                if reused and not isinstance(sys.exc_info()[1], TimeoutError):
+                    continue
+                raise
+            if response.will_close:
+                conn.close()
+            else:
+                conns[key] = conn
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+class NoyoClient:
+    """Fetches objects from Noyo's REST API with a shared, refreshed token."""
+
+    def __init__(self, settings: Settings) -> None:
+        api = settings["noyo_api"]
+        self.token_url = api["token_url"]
+        self._basic = "Basic " + base64.b64encode(f"{api['client_id']}:{api['client_secret']}".encode()).decode()
+        self._http = _HttpPool(api["timeout"])
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._token_expires = 0.0
+
+    def _token_for(self, stale: str | None = None) -> str:
+        """A valid token; ``stale`` is one the API just refused (refresh it once)."""
+        with self._lock:
+            if self._token and self._token != stale and time.monotonic() < self._token_expires:
+                return self._token
+            self._token = None
+            try:
+                status, headers, body = self._http.request("POST", self.token_url, {
+                    "Authorization": self._basic, "Content-Type": "application/json",
+                    "Accept": "application/json", "User-Agent": USER_AGENT,
+                }, b'{"grant_type": "client_credentials"}')
+            except (http.client.HTTPException, OSError) as exc:
+                raise FetchError("transient", f"token request failed: {exc.__class__.__name__}: {exc}") from None
+            if status in (400, 401, 403):
+                raise FetchError("auth", f"token endpoint {self.token_url} answered {status}; "
+                                 "check [noyo_api] client_id and client_secret")
+            self._raise_for_status(status, headers, f"token endpoint {self.token_url}")
+            try:
+                answer = json.loads(body)
+                token = answer["access_token"]
+                assert isinstance(token, str) and token
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise FetchError("transient", "token endpoint answered without an access_token") from None
+            self._token = token
+            self._token_expires = time.monotonic() + token_lifetime(answer.get("expires_in"))
+            return token
+
+    @staticmethod
+    def _raise_for_status(status: int, headers: dict[str, str], what: str) -> None:
+        if 200 <= status < 300:
+            return
+        retry_after = parse_retry_after(headers.get("retry-after"))
+        if status == 429:
+            raise FetchError("rate_limited", f"{what} answered 429 Too Many Requests", retry_after)
+        if status == 404:
+            raise FetchError("not_found", f"{what} answered 404 Not Found")
+        raise FetchError("transient", f"{what} answered HTTP {status}", retry_after)
+
+    def fetch(self, url: str, object_id: str) -> dict:
+        """GET the object at ``url``; it must carry ``id == object_id``."""
+        token = self._token_for()
+        for retry_on_401 in (True, False):
+            try:
+                status, headers, body = self._http.request("GET", url, {
+                    "Authorization": f"Bearer {token}", "Accept": "application/json", "User-Agent": USER_AGENT,
+                })
+            except (http.client.HTTPException, OSError) as exc:
+                raise FetchError("transient", f"GET failed: {exc.__class__.__name__}: {exc}") from None
+            if status == 401 and retry_on_401:
+                token = self._token_for(stale=token)
+                continue
+            if status in (401, 403):
+                raise FetchError("auth", f"API answered {status} with a fresh token; "
+                                 "check that [noyo_api] client_id may read this object")
+            self._raise_for_status(status, headers, "API")
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise FetchError("transient", "answer is not JSON") from None
+            return unwrap_object(data, object_id)
+        raise AssertionError("unreachable")
+
+
+# --- Worker ----------------------------------------------------------------
+
+
+def _as_number(value: Any) -> float | None:
+    """A ``modified``/``version`` value as a number (unix, numeric text or ISO 8601)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            try:
+                return parse_utc_iso(value)
+            except ValueError:
+                return None
+    return None
+
+
+def newness(obj: dict) -> tuple[float, float]:
+    """Order two fetches of one object: by ``modified``, then ``version``."""
+    modified, version = _as_number(obj.get("modified")), _as_number(obj.get("version"))
+    return (float("-inf") if modified is None else modified, float("-inf") if version is None else version)
+
+
+def difference_state(obj: dict, replaced_seen: bool) -> str:
+    """SPEC's rule, from the newest object and whether a replaced event was seen."""
+    if obj.get("resolved") is not None:
+        return "resolved"
+    if replaced_seen:
+        return "replaced"
+    if obj.get("discrepancy_time") is not None:
+        return "discrepancy"
+    return "pending"
+
+
+# Where an event or object may name the difference that replaces this one.
+# Noyo does not document the field, so look in the likely places.
+_REPLACED_BY_KEYS = ("replaced_by", "replaced_by_id", "replacement_id", "replacement_difference_id",
+                     "new_difference_id", "superseded_by")
+
+
+def find_replaced_by(*sources: Any) -> str | None:
+    for source in sources:
+        if isinstance(source, dict):
+            for key in _REPLACED_BY_KEYS:
+                value = source.get(key)
+                if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+                    return str(value)
+    return None
+
+
+_DIFFERENCE_COLUMNS = ("id", "state", "resolved", "discrepancy_time", "modified", "version", "group_id",
+                       "employee_id", "carrier_id", "difference_type", "difference_classification",
+                       "last_event_type", "last_event_created", "replaced", "replaced_by", "fetched_at", "body")
+_UPSERT_DIFFERENCE = (
+    f"INSERT INTO differences ({', '.join(_DIFFERENCE_COLUMNS)}) VALUES ({', '.join('?' * len(_DIFFERENCE_COLUMNS))}) "
+    "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _DIFFERENCE_COLUMNS[1:])
+)
+
+
+def _scalar(value: Any) -> Any:
+    """A JSON value fit for a typed column (objects and lists become JSON text)."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return value
+
+
+def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: list[str], fetched_at: str) -> None:
+    """Merge a fetched difference and the events that asked for it into its row.
+
+    The result does not depend on the order of events and fetches: the row
+    keeps the newest object (a fetch with an older ``modified`` never wins),
+    the ``replaced`` flag only ever turns on, and ``last_event_type`` is the
+    type of the newest event by ``created``.
+    """
+    diff_id = str(obj["id"])
+    row = conn.execute("SELECT body, replaced, replaced_by, last_event_type, last_event_created "
+                       "FROM differences WHERE id = ?", (diff_id,)).fetchone()
+    stored = json.loads(row[0]) if row else None
+    replaced, replaced_by = (bool(row[1]), row[2]) if row else (False, None)
+    last_type, last_created = (row[3], row[4]) if row else (None, None)
+
+    placeholders = ", ".join("?" * len(event_ids))
+    for event_type, created, payload in conn.execute(
+            f"SELECT type, created, payload FROM events WHERE event_id IN ({placeholders})", event_ids):
+        if event_type == "difference.replaced":
+            replaced = True
+            try:
+                data = json.loads(payload).get("data")
+            except (ValueError, AttributeError):
+                data = None
+            replaced_by = replaced_by or find_replaced_by(data)
+        if last_created is None or (created is not None and created >= last_created):
+            last_type, last_created = event_type, created
+
+    fetched_at_value = fetched_at
+    if stored is not None and newness(obj) < newness(stored):
+        obj, body = stored, row[0]  # an older fetch: keep the newer object we have
+        fetched_at_value = conn.execute("SELECT fetched_at FROM differences WHERE id = ?", (diff_id,)).fetchone()[0]
+    replaced_by = find_replaced_by(obj) or replaced_by
+    conn.execute(_UPSERT_DIFFERENCE, (
+        diff_id, difference_state(obj, replaced), _scalar(obj.get("resolved")), _scalar(obj.get("discrepancy_time")),
+        _scalar(obj.get("modified")), _scalar(obj.get("version")), _scalar(obj.get("group_id")),
+        _scalar(obj.get("employee_id")), _scalar(obj.get("carrier_id")), _scalar(obj.get("difference_type")),
+        _scalar(obj.get("difference_classification")), last_type, last_created, int(replaced), replaced_by,
+        fetched_at_value, body,
+    ))
+
+
+def apply_resource(conn: sqlite3.Connection, kind: str, obj: dict, body: str, fetched_at: str) -> None:
+    """Keep the newest fetched state of any other kind in ``resources``."""
+    object_id = str(obj["id"])
+    row = conn.execute("SELECT body FROM resources WHERE kind = ? AND id = ?", (kind, object_id)).fetchone()
+    if row is not None and newness(obj) < newness(json.loads(row[0])):
+        return
+    conn.execute(
+        "INSERT INTO resources (kind, id, modified, fetched_at, body) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (kind, id) DO UPDATE SET modified = excluded.modified, "
+        "fetched_at = excluded.fetched_at, body = excluded.body",
+        (kind, object_id, _scalar(obj.get("modified")), fetched_at, body),
+    )
+
+
+@dataclasses.dataclass
+class _Claim:
+    """Events that point at one object, fetched by one GET."""
+
+    kind: str
+    data_id: str | None
+    events: list[tuple[str, int]]  # (event_id, attempts including this one)
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return (self.kind, self.data_id)
+
+
+class ApiHealth:
+    """Whether the Noyo API as a whole is usable, and when to try it again.
+
+    Several failures in a row across different objects mean the API, not an
+    object, is the problem: then nothing is dispatched until a pause ends,
+    and after it a single probe decides. The first success resumes full speed.
+    """
+
+    FAILURES_BEFORE_PAUSE = 3
+    LOG_EVERY = 30.0
+
+    def __init__(self, backoff_initial: float, backoff_max: float) -> None:
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.lock = threading.Lock()
+        self.state = "healthy"  # healthy | backing_off | auth_failed
+        self.consecutive_failures = 0
+        self.pause = 0.0
+        self.paused_until = 0.0
+        self.last_error = ""
+        self._last_log = 0.0
+        self.changed = False  # set when `status` should learn the new state
+
+    def probing(self) -> bool:
+        return self.state != "healthy"
+
+    def success(self) -> None:
+        with self.lock:
+            if self.state != "healthy":
+                logger.info("noyo api recovered state=healthy after_failures=%d", self.consecutive_failures)
+                self.changed = True
+            self.state, self.consecutive_failures, self.pause, self.paused_until = "healthy", 0, 0.0, 0.0
+
+    def failure(self, error: FetchError) -> None:
+        now = time.time()
+        with self.lock:
+            self.last_error = str(error)
+            if error.kind == "auth":
+                self.state = "auth_failed"
+                self.paused_until = now + self.backoff_max
+                self.changed = True
+                logger.error("noyo api refused our credentials; fetching paused until %s. Fix [noyo_api] client_id/"
+                             "client_secret (or NOYO_CLIENT_ID/NOYO_CLIENT_SECRET) and restart. error=%s",
+                             utc_iso(self.paused_until), error)
+                return
+            self.consecutive_failures += 1
+            retry_after = error.retry_after or 0.0
+            if self.consecutive_failures < self.FAILURES_BEFORE_PAUSE and not retry_after:
+                return
+            if self.consecutive_failures >= self.FAILURES_BEFORE_PAUSE:
+                self.pause = min(self.backoff_max, max(self.backoff_initial, self.pause * 2))
+            wait = max(retry_after, self.pause / 2 + random.uniform(0, self.pause / 2))
+            self.paused_until = max(self.paused_until, now + wait)
+            if self.state != "backing_off":
+                self.changed = True
+            self.state = "backing_off"
+            if now - self._last_log >= self.LOG_EVERY:
+                self._last_log = now
+                logger.warning("noyo api failing; backing off until %s consecutive_errors=%d error=%s",
+                               utc_iso(self.paused_until), self.consecutive_failures, error)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {"state": self.state, "until": utc_iso(self.paused_until) if self.state != "healthy" else None,
+                    "consecutive_failures": self.consecutive_failures, "last_error": self.last_error or None}
+
+
+class Worker:
+    """Drains the inbox: fetches each referenced object and records its state.
+
+    One scheduler thread picks due events, groups those that point at the
+    same object (one GET serves them all), claims them with a lease and hands
+    them to ``concurrency`` fetch threads. It sleeps until it is woken (a new
+    event, a finished fetch) or the next event is due.
+    """
+
+    MAX_SLEEP = 30.0  # also bounds how long a `requeue` from the CLI waits
+    SCAN_LIMIT = 2000
+
+    def __init__(self, settings: Settings, store: Store, client: NoyoClient | None) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = client
+        worker = settings["worker"]
+        self.concurrency = worker["concurrency"]
+        self.max_attempts = worker["max_attempts"]
+        self.backoff_initial = worker["backoff_initial"]
+        self.backoff_max = worker["backoff_max"]
+        # A claimed event comes back by itself if this process dies mid-fetch.
+        self.lease = settings["noyo_api"]["timeout"] * 3 + 30
+        self.health = ApiHealth(self.backoff_initial, self.backoff_max)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._inflight: set[tuple[str, str | None]] = set()
+        self._inflight_lock = threading.Lock()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._fetchers: list[threading.Thread] = []
+        self.last_progress = time.monotonic()
+
+    # Lifecycle
+
+    def start(self) -> None:
+        """Return leases a previous process left behind, then start the threads."""
+        now_iso = utc_iso()
+        returned = self.store.write(lambda conn: conn.execute(
+            "UPDATE events SET next_attempt_at = ?, lease_until = NULL "
+            "WHERE status = 'pending' AND lease_until IS NOT NULL", (now_iso,)).rowcount)
+        if returned:
+            logger.info("worker took back events leased by a previous run count=%d", returned)
+        if self.client is None:
+            logger.warning("fetching is off: set [noyo_api] client_id and client_secret (or NOYO_CLIENT_ID and "
+                           "NOYO_CLIENT_SECRET) to fetch objects; events are stored and wait as pending")
+        self._publish_state(force=True)
+        self._thread = threading.Thread(target=self._run, name="noyo-worker", daemon=True)
+        self._thread.start()
+        for number in range(self.concurrency):
+            fetcher = threading.Thread(target=self._fetch_loop, name=f"noyo-fetch-{number}", daemon=True)
+            fetcher.start()
+            self._fetchers.append(fetcher)
+
+    def wake(self) -> None:
+        """Something changed (a new event, a finished fetch): look again now."""
+        self._wake.set()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop dispatching; fetches in flight are abandoned (their leases return them)."""
+        self._stop.set()
+        self._wake.set()
+        for _ in self._fetchers:
+            self._tasks.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for fetcher in self._fetchers:
+            fetcher.join(max(0.0, deadline - time.monotonic()))
+        busy = sum(f.is_alive() for f in self._fetchers)
+        if busy:
+            logger.warning("worker stopped with fetches in flight count=%d; they are fetched again at next start", busy)
+
+    # Scheduling
+
+    def _run(self) -> None:
+        conn = self.store.read()
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                self.last_progress = time.monotonic()
+                try:
+                    delay = self._dispatch(conn)
+                except (StoreError, sqlite3.Error) as exc:
+                    logger.error("worker cannot read or claim events error=%s", exc)
+                    delay = self.backoff_initial
+                self._publish_state()
+                self._wake.wait(min(self.MAX_SLEEP, delay))
+        finally:
+            conn.close()
+
+    def _dispatch(self, conn: sqlite3.Connection) -> float:
+        """Claim and hand out what is due; return seconds until the next look."""
+        now = time.time()
+        if self.client is None:
+            return self.MAX_SLEEP
+        if self.health.probing() and now < self.health.paused_until:
+            return self.health.paused_until - now
+        with self._inflight_lock:
+            busy = set(self._inflight)
+        slots = (1 if self.health.probing() else self.concurrency) - len(busy)
+        if slots <= 0:
+            return self.MAX_SLEEP  # a finishing fetch wakes us
+        now_iso = utc_iso(now)
+        claims: dict[tuple[str, str | None], _Claim] = {}
+        for event_id, event_type, data_id, attempts in conn.execute(
+                "SELECT event_id, type, data_id, attempts FROM events "
+                "WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+                (now_iso, self.SCAN_LIMIT)):
+            key = (event_type.split(".", 1)[0], data_id)
+            if key in busy:
+                continue  # its fetch may predate this event: fetch again once it is back
+            claim = claims.get(key)
+            if claim is None:
+                if len(claims) >= slots:
+                    continue
+                claim = claims[key] = _Claim(key[0], data_id, [])
+            claim.events.append((event_id, attempts + 1))
+        if claims:
+            self._claim_and_hand_out(list(claims.values()), now)
+        row = conn.execute("SELECT MIN(next_attempt_at) FROM events WHERE status = 'pending' "
+                           "AND next_attempt_at > ?", (now_iso,)).fetchone()
+        return max(0.0, parse_utc_iso(row[0]) - time.time()) if row[0] else self.MAX_SLEEP
+
+    def _claim_and_hand_out(self, claims: list[_Claim], now: float) -> None:
+        fetchable, unfetchable = [], []
+        for claim in claims:
+            url = self.settings.fetch_url(claim.kind, claim.data_id) if claim.data_id else None
+            (fetchable if url else unfetchable).append((claim, url))
+        lease_iso = utc_iso(now + self.lease)
+        leased = [(lease_iso, lease_iso, event_id) for claim, _ in fetchable for event_id, _ in claim.events]
+        settled = [(
+            "ignored" if claim.data_id else "dead",
+            None if claim.data_id else "event has no data.id, so there is nothing to fetch",
+            utc_iso(now), event_id,
+        ) for claim, _ in unfetchable for event_id, _ in claim.events]
+
+        def claim_rows(conn: sqlite3.Connection) -> None:
+            conn.executemany("UPDATE events SET attempts = attempts + 1, lease_until = ?, next_attempt_at = ? "
+                             "WHERE event_id = ? AND status = 'pending'", leased)
+            # The kind lost its [fetch] entry (or the event its id) since it was stored.
+            conn.executemany("UPDATE events SET status = ?, last_error = ?, processed_at = ?, "
+                             "next_attempt_at = NULL WHERE event_id = ?", settled)
+
+        self.store.write(claim_rows)
+        with self._inflight_lock:
+            self._inflight.update(claim.key for claim, _ in fetchable)
+        for claim, url in fetchable:
+            self._tasks.put((claim, url))
+
+    # Fetching
+
+    def _fetch_loop(self) -> None:
+        while True:
+            item = self._tasks.get()
+            if item is _STOP:
+                return
+            claim, url = item
+            try:
+                self._fetch_and_record(claim, url)
+            except Exception:  # noqa: BLE001 - one bad object must not stop the fetcher
+                logger.exception("worker failed on an object kind=%s id=%s", claim.kind, claim.data_id)
+            finally:
+                with self._inflight_lock:
+                    self._inflight.discard(claim.key)
+                self.wake()
+
+    def _fetch_and_record(self, claim: _Claim, url: str) -> None:
+        assert self.client is not None and claim.data_id is not None
+        started = time.monotonic()
+        try:
+            obj = self.client.fetch(url, claim.data_id)
+        except FetchError as error:
+            if error.kind == "not_found":
+                self.health.success()  # the API answered; this object is just not there (yet)
+            else:
+                self.health.failure(error)
+            self._record_failure(claim, error)
+            return
+        self.health.success()
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        event_ids = [event_id for event_id, _ in claim.events]
+        fetched_at = utc_iso()
+
+        def record(conn: sqlite3.Connection) -> None:
+            if claim.kind == "difference":
+                apply_difference(conn, obj, body, event_ids, fetched_at)
+            else:
+                apply_resource(conn, claim.kind, obj, body, fetched_at)
+            conn.executemany("UPDATE events SET status = 'done', processed_at = ?, lease_until = NULL, "
+                             "next_attempt_at = NULL, last_error = NULL WHERE event_id = ? AND status = 'pending'",
+                             [(fetched_at, event_id) for event_id in event_ids])
+            set_meta(conn, "last_fetch_ok_at", fetched_at)
+
+        self._write_outcome(record)
+        logger.info("object fetched kind=%s id=%s events=%d ms=%d", claim.kind, claim.data_id,
+                    len(event_ids), (time.monotonic() - started) * 1000)
+
+    def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """Exponential backoff with full jitter, at least ``Retry-After``."""
+        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(attempts - 1, 60))
+        return max(retry_after or 0.0, random.uniform(0, ceiling))
+
+    def _record_failure(self, claim: _Claim, error: FetchError) -> None:
+        now = time.time()
+        message = f"{error.kind}: {error}"
+        updates = []
+        for event_id, attempts in claim.events:
+            if error.kind == "auth":
+                # Our credentials, not this event, are at fault: give the attempt back.
+                updates.append(("pending", attempts - 1, utc_iso(self.health.paused_until), message, event_id))
+            elif attempts >= self.max_attempts:
+                updates.append(("dead", attempts, None, f"gave up after {attempts} attempts: {message}", event_id))
+            else:
+                due = utc_iso(now + self.retry_delay(attempts, error.retry_after))
+                updates.append(("pending", attempts, due, message, event_id))
+
+        def record(conn: sqlite3.Connection) -> None:
+            conn.executemany("UPDATE events SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
+                             "lease_until = NULL WHERE event_id = ? AND status = 'pending'", updates)
+
+        self._write_outcome(record)
+        dead = sum(1 for u in updates if u[0] == "dead")
+        log = logger.error if dead else logger.warning
+        log("fetch failed kind=%s id=%s events=%d dead=%d error=%s", claim.kind, claim.data_id,
+            len(updates), dead, message)
+
+    def _write_outcome(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+        try:
+            self.store.write(fn)
+        except StoreError as exc:
+            # The lease returns these events; they are fetched again later.
+            logger.error("worker cannot record a fetch outcome error=%s", exc)
+
+    def _publish_state(self, force: bool = False) -> None:
+        """Tell `status` (another process) what the API state is."""
+        if not (force or self.health.changed):
+            return
+        self.health.changed = False
+        snapshot = self.health.snapshot() if self.client else {"state": "fetching_off", "until": None}
+        try:
+            self.store.write(lambda conn: set_meta(conn, "api_state", json.dumps(snapshot)))
+        except StoreError as exc:
+            logger.warning("cannot record api state error=%s", exc)
+
+
+# --- Command line ----------------------------------------------------------
+
+
+class _Shutdown(SystemExit):
+    """Raised in the main thread by SIGTERM/SIGINT.
+
+    waitress's documented way out of ``server.run()`` is SystemExit or
+    KeyboardInterrupt raised in the main thread (its loop catches them and
+    stops its task threads); raising is all the handler does.
+    """
+
+
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under systemd: no timestamp (the journal adds one), a ``<N>`` priority
+    prefix so that ``journalctl -p warning`` works."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITIES.get(record.levelno, 6)}>" + super().format(record)
+
+
+def configure_logging(level: str = "INFO", stream: Any = None) -> None:
+    """Only the entry point configures logging; the module just logs."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return args.config or os.environ.get("NOYO_LISTENER_CONFIG") or "noyo_listener.ini"
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the ini exactly as `serve` does and print the effective settings."""
+    settings = load_settings(_config_path(args))
+    print("\n".join(describe_settings(settings)))
+    if not settings.fetching_enabled:
+        print("# fetching is off: [noyo_api] client_id and client_secret are not set")
+    if any(secret == DEVELOPMENT_SECRET for _, secret in settings["webhook"]["secrets"]):
+        print("# WARNING: [webhook] secrets holds the public development secret; replace it before production")
+    print("# configuration is valid")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the HTTP server and the worker until SIGTERM or SIGINT."""
+    settings = load_settings(_config_path(args))
+    logging.getLogger().setLevel(settings["log"]["level"])
+    db_path = settings["database"]["path"]
+    lock = InstanceLock(db_path)
+    lock.acquire()
+    store = Store(db_path, settings["database"]["synchronous"], settings["database"]["busy_timeout"])
+    worker: Worker | None = None
+    try:
+        store.open()
+        client = NoyoClient(settings) if settings.fetching_enabled else None
+        worker = Worker(settings, store, client)
+        receiver = Receiver(settings, store, worker)
+        host, port = settings["server"]["host"], settings["server"]["port"]
+        try:
+            server = create_http_server(settings, receiver.app)
+        except OSError as exc:
+            raise StoreError(f"cannot listen on {host}:{port}: {exc.strerror}; is another program using the port?") from None
+        signal.signal(signal.SIGTERM, _raise_shutdown)
+        signal.signal(signal.SIGINT, _raise_shutdown)
+        try:
+            worker.start()
+            _log_startup(settings, server.effective_host, server.effective_port)
+            server.run()
+        except _Shutdown:
+            pass
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logger.info("shutting down")
+        server.close()
+    finally:
+        if worker is not None:
+            worker.stop()
+        store.close()
+        lock.release()
+    logger.info("stopped")
+    return 0
+
+
+def _raise_shutdown(signum: int, _frame: Any) -> None:
+    raise _Shutdown(0)
+
+
+def _log_startup(settings: Settings, host: str, port: int) -> None:
+    webhook = settings["webhook"]
+    logger.info(
+        "listening url=http://%s:%s%s database=%s secrets=%s signature_payload=%s fetching=%s version=%s",
+        host, port, settings["server"]["path"], settings["database"]["path"],
+        ",".join(name for name, _ in webhook["secrets"]), webhook["signature_payload"],
+        "on" if settings.fetching_enabled else "off", __version__,
+    )
+    for name, secret in webhook["secrets"]:
+        if secret == DEVELOPMENT_SECRET:
+            logger.warning(
+                "!!! webhook secret %r is the public DEVELOPMENT secret from the example ini: anyone can forge "
+                "events. Set [webhook] secrets (or NOYO_WEBHOOK_SECRETS) to your Noyo subscription secret !!!", name)
+
+
+def gather_status(settings: Settings) -> dict:
+    """What `status` shows, read straight from the database (no daemon needed)."""
+    path = settings["database"]["path"]
+    if not os.path.exists(path):
+        raise StoreError(f"no database at {path} yet; start `serve` first")
+    try:
+        conn = connect(path, busy_timeout=settings["database"]["busy_timeout"], readonly=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from None
+    try:
+        by_status = dict(conn.execute("SELECT status, COUNT(*) FROM events GROUP BY status"))
+        by_type: dict[str, dict[str, int]] = {}
+        for event_type, status, count in conn.execute(
+                "SELECT type, status, COUNT(*) FROM events GROUP BY type, status ORDER BY type, status"):
+            by_type.setdefault(event_type, {})[status] = count
+        oldest = conn.execute("SELECT MIN(received_at) FROM events WHERE status = 'pending'").fetchone()[0]
+        last = conn.execute("SELECT MAX(received_at) FROM events").fetchone()[0]
+        api_state = json.loads(get_meta(conn, "api_state") or "null")
+        last_fetch = get_meta(conn, "last_fetch_ok_at")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    finally:
+        conn.close()
+    return {
+        "database": path,
+        "events": {status: by_status.get(status, 0) for status in ("pending", "done", "ignored", "dead")},
+        "by_type": by_type,
+        "oldest_pending_age_seconds": round(time.time() - parse_utc_iso(oldest), 1) if oldest else None,
+        "last_received_at": last,
+        "dead": by_status.get("dead", 0),
+        "last_fetch_ok_at": last_fetch,
+        "fetching": "on" if settings.fetching_enabled else "off (set [noyo_api] client_id and client_secret)",
+        "api": api_state,
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print counts, ages and the API state; --json for scripts."""
+    status = gather_status(load_settings(_config_path(args)))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    events = status["events"]
+    print(f"database:        {status['database']}")
+    print("events:          " + "  ".join(f"{k}={v}" for k, v in events.items()))
+    age = status["oldest_pending_age_seconds"]
+    print(f"oldest pending:  {'-' if age is None else format_duration(round(age)) + ' ago'}")
+    print(f"last received:   {status['last_received_at'] or '-'}")
+    print(f"dead letters:    {status['dead']}" + ("  (see: requeue --dead)" if status["dead"] else ""))
+    print(f"last fetch ok:   {status['last_fetch_ok_at'] or '-'}")
+    api = status["api"] or {}
+    api_line = api.get("state", "unknown") + (f" until {api['until']}" if api.get("until") else "")
+    print(f"fetching:        {status['fetching']}")
+    print(f"noyo api:        {api_line}" + (f"  last error: {api['last_error']}" if api.get("last_error") else ""))
+    if status["by_type"]:
+        print("by type:")
+        for event_type, counts in status["by_type"].items():
+            print(f"  {event_type or '(no type)':<58} " + " ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    """Put events back to pending with a fresh attempt budget."""
+    settings = load_settings(_config_path(args))
+    path = settings["database"]["path"]
+    if not os.path.exists(path):
+        raise StoreError(f"no database at {path}")
+    if args.dead:
+        where, params = "status = 'dead'", []
+    elif args.type:
+        where, params = "type = ? AND status != 'pending'", [args.type]
+    else:
+        where, params = f"event_id IN ({', '.join('?' * len(args.event_ids))}) AND status != 'pending'", args.event_ids
+    conn = connect(path, settings["database"]["synchronous"], settings["database"]["busy_timeout"])
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        count = conn.execute(
+            f"UPDATE events SET status = 'pending', attempts = 0, next_attempt_at = ?, lease_until = NULL, "
+            f"processed_at = NULL WHERE {where}", [utc_iso(), *params]).rowcount
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot requeue in {path}: {exc}") from None
+    finally:
+        conn.close()
+    print(f"requeued {count} event(s); a running listener picks them up within {Worker.MAX_SLEEP:g}s")
+    return 0
+
+
+def build_test_event(event_type: str, data_id: str | None) -> bytes:
+    """A body shaped like Noyo's (``test.hello_world`` carries a message, not an id)."""
+    if event_type == "test.hello_world" and data_id is None:
+        data: dict[str, Any] = {"message": "Hello world!"}
+    else:
+        data = {"id": data_id or str(uuid.uuid4())}
+    event = {"id": str(uuid.uuid4()), "created": int(time.time()), "type": event_type}
+    return json.dumps({"data": data, "event": event}).encode()
+
+
+def signed_headers(secret: str, body: bytes, form: str = FORM_TIMESTAMP_BODY) -> dict[str, str]:
+    """The headers Noyo sends with ``body``."""
+    timestamp = dt.datetime.now(dt.timezone.utc).isoformat()
+    signature = sign(secret, body, timestamp if form == FORM_TIMESTAMP_BODY else None)
+    return {
+        "Content-Type": "application/json",
+        "x-noyo-signature": signature,
+        "x-noyo-timestamp": timestamp,
+        "x-cloud-trace-context": f"{uuid.uuid4().hex}/1;o=1",
+        "User-Agent": USER_AGENT + " send-test",
+    }
+
+
+def cmd_send_test(args: argparse.Namespace) -> int:
+    """Sign and POST an event exactly as Noyo does; print the answer."""
+    secret = args.secret
+    if secret is None:
+        secrets = load_settings(_config_path(args))["webhook"]["secrets"]
+        name, secret = secrets[0]
+        print(f"signing with secret {name!r} from the config", file=sys.stderr)
+    body = build_test_event(args.type, args.data_id)
+    request = urllib.request.Request(args.url, data=body, method="POST",
+                                     headers=signed_headers(secret, body, args.form))
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, answer = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, answer = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"Error: cannot reach {args.url}: {reason}. Is `serve` running there?", file=sys.stderr)
+        return 1
+    print(f"sent event_id={json.loads(body)['event']['id']} type={args.type}")
+    print(f"HTTP {status} {answer.decode('utf-8', 'replace').strip()}")
+    return 0 if status == 200 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="noyo_listener.py", description="Receive Noyo webhooks, store them in SQLite, fetch the objects.")
+    parser.add_argument("--config", metavar="PATH",
+                        help="ini file (default: $NOYO_LISTENER_CONFIG, else ./noyo_listener.ini)")
+    parser.add_argument("--version", action="version", version=f"noyo-listener {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    commands.add_parser("serve", help="run the HTTP server and the worker").set_defaults(func=cmd_serve)
+    commands.add_parser("check-config", help="validate the ini and print the effective settings"
+                        ).set_defaults(func=cmd_check_config)
+
+    status = commands.add_parser("status", help="counts, ages, dead letters and API state")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    send = commands.add_parser("send-test", help="sign and POST a test event as Noyo does")
+    send.add_argument("url", metavar="URL", help="e.g. http://127.0.0.1:8080/noyo/webhooks")
+    send.add_argument("--secret", help="webhook secret (default: the first one in the config)")
+    send.add_argument("--type", default="test.hello_world", help="event type (default: test.hello_world)")
+    send.add_argument("--data-id", help="data.id of the event (default: a new uuid; none for test.hello_world)")
+    send.add_argument("--form", choices=(FORM_TIMESTAMP_BODY, FORM_BODY), default=FORM_TIMESTAMP_BODY,
+                      help="what to sign (default: timestamp.body)")
+    send.set_defaults(func=cmd_send_test)
+
+    requeue = commands.add_parser("requeue", help="put events back to pending")
+    which = requeue.add_mutually_exclusive_group(required=True)
+    which.add_argument("--dead", action="store_true", help="every dead event")
+    which.add_argument("--type", help="every non-pending event of this type")
+    which.add_argument("event_ids", nargs="*", default=[], metavar="EVENT_ID")
+    requeue.set_defaults(func=cmd_requeue)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse arguments, run a command, turn known errors into one line."""
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        return args.func(args)
+    except (ConfigError, StoreError) as exc:
+        print(f"noyo-listener: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
