@@ -64,7 +64,7 @@ class ConfigError(Exception):
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SECRET_NAME_RE = re.compile(r"^([A-Za-z0-9_.-]{1,64}):(.+)$")
+_SECRET_NAME_RE = re.compile(r"^([A-Za-z0-9_.-]{1,64}):(.*)$")
 _FETCH_PLACEHOLDERS = {"id": "ID", "tracking_url": "T", "fulfillment_url": "F"}
 
 
@@ -84,7 +84,7 @@ def format_duration(seconds: float) -> str:
             return f"{int(seconds // size)}{unit}"
     if seconds == 0:
         return "0"
-    return f"{seconds * 1000:g}ms"
+    return f"{seconds * 1000:.3f}".rstrip("0").rstrip(".") + "ms"
 
 
 def parse_secrets(text: str) -> list[tuple[str, str]]:
@@ -578,6 +578,12 @@ def _split_sql(script: str) -> list[str]:
     return [s for s in statements if s]
 
 
+def require_directory_of(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StoreError(f"directory {directory} for [database] path does not exist; create it first")
+
+
 class _WriteJob:
     """One unit of work for the writer thread; the submitter waits on it."""
 
@@ -618,9 +624,7 @@ class Store:
 
     def open(self) -> None:
         """Create or migrate the database and start the writer thread."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise StoreError(f"directory {directory} for [database] path does not exist; create it first")
+        require_directory_of(self.path)
         try:
             _create_private_file(self.path)
             conn = connect(self.path, self.synchronous, self.busy_timeout)
@@ -809,7 +813,11 @@ class InstanceLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        require_directory_of(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot create lock file {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -869,7 +877,7 @@ class SignatureVerifier:
         for form in self._forms:
             if form == FORM_TIMESTAMP_BODY and timestamp is None:
                 continue
-            prefix = timestamp.encode("latin-1") + b"." if form == FORM_TIMESTAMP_BODY else b""
+            prefix = timestamp.encode("latin-1", "replace") + b"." if form == FORM_TIMESTAMP_BODY else b""
             for name, keyed in self._keyed:
                 mac = keyed.copy()
                 if prefix:
@@ -891,7 +899,7 @@ def parse_signature_header(header: str | None) -> list[bytes]:
         return []
     # WSGI gives header values as latin-1 decoded text; undo that losslessly.
     entries = [entry.strip().lower() for entry in header.split(",")]
-    return [entry.encode("latin-1") for entry in entries if entry][:MAX_SIGNATURES]
+    return [entry.encode("latin-1", "replace") for entry in entries if entry][:MAX_SIGNATURES]
 
 
 def sign(secret: str, body: bytes, timestamp: str | None = None) -> str:

@@ -23,8 +23,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from hypothesis import settings
 
 from fake_noyo import FakeNoyo
+
+# No per-example deadline: a loaded 2-core CI machine must not turn speed into failures.
+settings.register_profile("noyo", deadline=None, print_blob=True)
+settings.load_profile("noyo")
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "noyo_listener.py"
