@@ -57,10 +57,13 @@ class FakeNoyo:
         self.objects: dict[tuple[str, str], dict] = {}
         self.faults: list[Fault] = []
         self.requests: list[Recorded] = []
+        self.arrivals: list[str] = []
         self.valid_tokens: set[str] = set()
         self.token_expires_in: Any = 600
         self.wrap_objects = False
         self.latency = 0.0
+        self.gate = threading.Event()  # cleared by hold(): object GETs wait until release()
+        self.gate.set()
         self.lock = threading.Lock()
         self.request_seen = threading.Condition(self.lock)
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -100,6 +103,13 @@ class FakeNoyo:
         with self.lock:
             self.faults.append(fault)
 
+    def hold(self) -> None:
+        """Keep object GETs in flight (they wait) until ``release()``."""
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
     def expire_tokens(self) -> None:
         with self.lock:
             self.valid_tokens.clear()
@@ -134,6 +144,17 @@ class FakeNoyo:
                     fault.times -= 1
                     return fault
         return None
+
+    def _record_arrival(self, handler: "_Handler") -> None:
+        with self.request_seen:
+            self.arrivals.append(handler.path)
+            self.request_seen.notify_all()
+
+    def wait_for_arrivals(self, count: int, timeout: float = 10.0) -> None:
+        """Block until ``count`` object GETs have arrived (answered or not)."""
+        with self.request_seen:
+            if not self.request_seen.wait_for(lambda: len(self.arrivals) >= count, timeout):
+                raise AssertionError(f"expected {count} GETs to arrive, saw {len(self.arrivals)}")
 
     def _record(self, handler: "_Handler", status: int) -> None:
         with self.request_seen:
@@ -185,6 +206,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if len(parts) != 4 or parts[:2] != ["api", "v1"] or parts[2] not in COLLECTIONS:
             return self._send(404, {"error": "no such endpoint"})
         kind, object_id = COLLECTIONS[parts[2]], parts[3]
+        self.fake._record_arrival(self)
+        self.fake.gate.wait(60)
         if self.fake.latency:
             time.sleep(self.fake.latency)  # simulated network latency, not synchronisation
         fault = self.fake._take_fault(self.path)
