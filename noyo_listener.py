@@ -1464,6 +1464,9 @@ class ApiHealth:
 
     FAILURES_BEFORE_PAUSE = 3
     LOG_EVERY = 30.0
+    # Probe at least once a minute, whatever backoff_max says: a down API then
+    # sees a request a minute, and a recovered one is used within a minute.
+    MAX_PROBE_INTERVAL = 60.0
 
     def __init__(self, backoff_initial: float, backoff_max: float) -> None:
         self.backoff_initial = backoff_initial
@@ -1504,7 +1507,8 @@ class ApiHealth:
             if self.consecutive_failures < self.FAILURES_BEFORE_PAUSE and not retry_after:
                 return
             if self.consecutive_failures >= self.FAILURES_BEFORE_PAUSE:
-                self.pause = min(self.backoff_max, max(self.backoff_initial, self.pause * 2))
+                ceiling = min(self.backoff_max, self.MAX_PROBE_INTERVAL)
+                self.pause = min(ceiling, max(self.backoff_initial, self.pause * 2))
             wait = max(retry_after, self.pause / 2 + random.uniform(0, self.pause / 2))
             self.paused_until = max(self.paused_until, now + wait)
             if self.state != "backing_off":
