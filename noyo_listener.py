@@ -756,17 +756,10 @@ _INSERT_DELIVERY = """
 """
 
 
-@dataclasses.dataclass
-class IncomingEvent:
-    """An authentic webhook, ready to be stored."""
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """How one authentic POST arrived (a row of ``deliveries``)."""
 
-    event_id: str
-    type: str
-    data_id: str | None
-    created: int | float | None
-    payload: str
-    status: str
-    last_error: str | None
     received_at: str
     noyo_timestamp: str | None
     trace_context: str | None
@@ -774,23 +767,23 @@ class IncomingEvent:
     signature_form: str
 
 
-def store_event(conn: sqlite3.Connection, event: IncomingEvent) -> bool:
+def store_event(conn: sqlite3.Connection, event: "ParsedEvent", delivery: Delivery) -> bool:
     """Insert the event (or count a repeat) and its delivery; return True if a duplicate.
 
     The primary key decides what is a duplicate (never select-then-insert),
     so concurrent deliveries of one event id leave exactly one row.
     """
-    next_attempt = event.received_at if event.status == "pending" else None
+    next_attempt = delivery.received_at if event.status == "pending" else None
     inserted = conn.execute(_INSERT_EVENT, (
-        event.event_id, event.type, event.data_id, event.created, event.received_at,
+        event.event_id, event.type, event.data_id, event.created, delivery.received_at,
         event.payload, event.status, next_attempt, event.last_error,
     )).rowcount
     duplicate = inserted == 0
     if duplicate:
         conn.execute(_COUNT_DELIVERY, (event.event_id,))
     conn.execute(_INSERT_DELIVERY, (
-        event.event_id, event.received_at, event.noyo_timestamp, event.trace_context,
-        event.secret_name, event.signature_form, int(duplicate),
+        event.event_id, delivery.received_at, delivery.noyo_timestamp, delivery.trace_context,
+        delivery.secret_name, delivery.signature_form, int(duplicate),
     ))
     return duplicate
 
@@ -950,10 +943,22 @@ class BadEvent(ValueError):
     """An authentic body that cannot be an event (answer 400)."""
 
 
-def parse_event(body: bytes, fetch_kinds: Iterable[str]) -> tuple[dict, str, str, str | None, Any, str, str | None]:
-    """Decode an authentic body into what the ``events`` row needs.
+@dataclasses.dataclass(frozen=True)
+class ParsedEvent:
+    """What the ``events`` row needs from an authentic body."""
 
-    Returns ``(obj, event_id, type, data_id, created, status, last_error)``.
+    event_id: str
+    type: str
+    data_id: str | None
+    created: int | float | None
+    status: str
+    last_error: str | None
+    payload: str
+
+
+def parse_event(body: bytes, fetch_kinds: Iterable[str]) -> ParsedEvent:
+    """Decode an authentic body; raise BadEvent if it is not a UTF-8 JSON object.
+
     An event without ``event.id`` is stored under ``sha256:<hex of body>`` so
     it is not lost and its retries still deduplicate.
     """
@@ -984,7 +989,7 @@ def parse_event(body: bytes, fetch_kinds: Iterable[str]) -> tuple[dict, str, str
         status, last_error = "dead", "event has no data.id, so there is nothing to fetch"
     else:
         status, last_error = "pending", None
-    return obj, event_id, event_type, data_id, created, status, last_error
+    return ParsedEvent(event_id, event_type, data_id, created, status, last_error, text)
 
 
 class Receiver:
@@ -1048,27 +1053,26 @@ class Receiver:
             return self._reject(401, window, environ, "unauthorized")
 
         try:
-            _obj, event_id, event_type, data_id, created, status, last_error = parse_event(body, self.fetch_kinds)
+            parsed = parse_event(body, self.fetch_kinds)
         except BadEvent as exc:
             return self._reject(400, str(exc).replace(" ", "_"), environ, str(exc))
 
-        event = IncomingEvent(
-            event_id=event_id, type=event_type, data_id=data_id, created=created,
-            payload=body.decode("utf-8"), status=status, last_error=last_error,
+        delivery = Delivery(
             received_at=utc_iso(), noyo_timestamp=timestamp,
             trace_context=environ.get("HTTP_X_CLOUD_TRACE_CONTEXT"),
             secret_name=match.secret_name, signature_form=match.form,
         )
         try:
-            duplicate = self.store.write(lambda conn: store_event(conn, event))
+            duplicate = self.store.write(lambda conn: store_event(conn, parsed, delivery))
         except StoreError as exc:
-            logger.error("webhook not stored status=503 event_id=%s type=%s error=%s", event_id, event_type, exc)
+            logger.error("webhook not stored status=503 event_id=%s type=%s error=%s",
+                         parsed.event_id, parsed.type, exc)
             return self._answer(503, _json_error("cannot store the event now; retry later"))
         logger.info(
             "webhook stored event_id=%s type=%s status=%s duplicate=%d secret=%s form=%s",
-            event_id, event_type, status, duplicate, match.secret_name, match.form,
+            parsed.event_id, parsed.type, parsed.status, duplicate, match.secret_name, match.form,
         )
-        if not duplicate and status == "pending" and self.worker is not None:
+        if not duplicate and parsed.status == "pending" and self.worker is not None:
             self.worker.wake()
         return self._answer(200, _OK_DUPLICATE if duplicate else _OK)
 
@@ -1227,11 +1231,11 @@ class _HttpPool:
                 conn.request(method, target, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
-            except (http.client.HTTPException, OSError):
+            except (http.client.HTTPException, OSError) as exc:
                 conn.close()
                 # A kept-alive connection the server already closed fails at
                 # once; retry that on a fresh one, but never a timeout.
-                if reused and not isinstance(sys.exc_info()[1], TimeoutError):
+                if reused and not isinstance(exc, TimeoutError):
                     continue
                 raise
             if response.will_close:
@@ -1272,10 +1276,11 @@ class NoyoClient:
             self._raise_for_status(status, headers, f"token endpoint {self.token_url}")
             try:
                 answer = json.loads(body)
-                token = answer["access_token"]
-                assert isinstance(token, str) and token
-            except (ValueError, KeyError, TypeError, AssertionError):
-                raise FetchError("transient", "token endpoint answered without an access_token") from None
+            except ValueError:
+                answer = None
+            token = answer.get("access_token") if isinstance(answer, dict) else None
+            if not isinstance(token, str) or not token:
+                raise FetchError("transient", "token endpoint answered without an access_token")
             self._token = token
             self._token_expires = time.monotonic() + token_lifetime(answer.get("expires_in"))
             return token
@@ -1369,6 +1374,18 @@ def find_replaced_by(*sources: Any) -> str | None:
     return None
 
 
+# Events of one second are ordered by where they sit in a difference's life,
+# so that last_event_type does not depend on the order they arrived in.
+_LIFECYCLE_RANK = {"difference.created": 0, "difference.discrepancy": 1, "difference.replaced": 2,
+                   "difference.resolved": 3}
+
+
+def event_order(created: Any, event_type: str | None) -> tuple:
+    """Sort key of events for ``last_event_type``: by ``created``, then lifecycle, then name."""
+    number = _as_number(created)
+    return (float("-inf") if number is None else number, _LIFECYCLE_RANK.get(event_type or "", -1), event_type or "")
+
+
 _DIFFERENCE_COLUMNS = ("id", "state", "resolved", "discrepancy_time", "modified", "version", "group_id",
                        "employee_id", "carrier_id", "difference_type", "difference_classification",
                        "last_event_type", "last_event_created", "replaced", "replaced_by", "fetched_at", "body")
@@ -1394,7 +1411,7 @@ def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: 
     type of the newest event by ``created``.
     """
     diff_id = str(obj["id"])
-    row = conn.execute("SELECT body, replaced, replaced_by, last_event_type, last_event_created "
+    row = conn.execute("SELECT body, replaced, replaced_by, last_event_type, last_event_created, fetched_at "
                        "FROM differences WHERE id = ?", (diff_id,)).fetchone()
     stored = json.loads(row[0]) if row else None
     replaced, replaced_by = (bool(row[1]), row[2]) if row else (False, None)
@@ -1410,20 +1427,18 @@ def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: 
             except (ValueError, AttributeError):
                 data = None
             replaced_by = replaced_by or find_replaced_by(data)
-        if last_created is None or (created is not None and created >= last_created):
+        if last_type is None or event_order(created, event_type) >= event_order(last_created, last_type):
             last_type, last_created = event_type, created
 
-    fetched_at_value = fetched_at
     if stored is not None and newness(obj) < newness(stored):
-        obj, body = stored, row[0]  # an older fetch: keep the newer object we have
-        fetched_at_value = conn.execute("SELECT fetched_at FROM differences WHERE id = ?", (diff_id,)).fetchone()[0]
+        obj, body, fetched_at = stored, row[0], row[5]  # an older fetch: keep the newer object we have
     replaced_by = find_replaced_by(obj) or replaced_by
     conn.execute(_UPSERT_DIFFERENCE, (
         diff_id, difference_state(obj, replaced), _scalar(obj.get("resolved")), _scalar(obj.get("discrepancy_time")),
         _scalar(obj.get("modified")), _scalar(obj.get("version")), _scalar(obj.get("group_id")),
         _scalar(obj.get("employee_id")), _scalar(obj.get("carrier_id")), _scalar(obj.get("difference_type")),
         _scalar(obj.get("difference_classification")), last_type, last_created, int(replaced), replaced_by,
-        fetched_at_value, body,
+        fetched_at, body,
     ))
 
 
