@@ -33,6 +33,7 @@ import queue
 import random
 import re
 import signal
+import socket
 import sqlite3
 import ssl
 import sys
@@ -499,6 +500,28 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    """
+    -- Views for operators: sqlite3 -box noyo_listener.sqlite3 'select * from open_discrepancies'
+    CREATE VIEW open_discrepancies AS
+        SELECT id AS difference_id, group_id, employee_id, carrier_id, difference_type,
+               difference_classification, datetime(discrepancy_time, 'unixepoch') AS discrepancy_since,
+               last_event_type, fetched_at
+        FROM differences WHERE state = 'discrepancy' ORDER BY discrepancy_time;
+    CREATE VIEW pending_events AS
+        SELECT event_id, type, data_id, attempts, next_attempt_at, last_error, received_at
+        FROM events WHERE status = 'pending' ORDER BY next_attempt_at;
+    CREATE VIEW dead_events AS
+        SELECT event_id, type, data_id, attempts, last_error, received_at
+        FROM events WHERE status = 'dead' ORDER BY received_at;
+    CREATE VIEW recent_events AS
+        SELECT event_id, type, data_id, status, attempts, delivery_count, received_at, processed_at, last_error
+        FROM events ORDER BY received_at DESC LIMIT 100;
+    CREATE VIEW repeated_deliveries AS
+        SELECT d.event_id, e.type, e.delivery_count, d.received_at, d.noyo_timestamp, d.secret_name,
+               d.signature_form
+        FROM deliveries d JOIN events e USING (event_id) WHERE e.delivery_count > 1
+        ORDER BY d.event_id, d.received_at;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -628,6 +651,9 @@ class Store:
         try:
             _create_private_file(self.path)
             conn = connect(self.path, self.synchronous, self.busy_timeout)
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                # Only takes effect before the first table: lets prune give pages back.
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             migrate(conn, self.path)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
@@ -663,6 +689,16 @@ class Store:
         if job.error is not None:
             raise StoreError(str(job.error)) from job.error
         return job.result
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it (cannot run inside a transaction)."""
+        conn = self.read()
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            logger.warning("WAL checkpoint failed error=%s", exc)
+        finally:
+            conn.close()
 
     def read(self) -> sqlite3.Connection:
         """A new connection for reading (WAL readers never block the writer)."""
@@ -798,6 +834,41 @@ def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
     return row[0] if row else None
 
 
+PRUNE_BATCH = 2000  # rows per transaction: ingestion never waits long behind a prune
+
+
+def _prune_batch(conn: sqlite3.Connection, cutoff: str, statuses: tuple[str, ...]) -> tuple[int, int]:
+    marks = ", ".join("?" * len(statuses))
+    events = conn.execute(
+        f"DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE status IN ({marks}) "
+        f"AND received_at < ? LIMIT {PRUNE_BATCH})", (*statuses, cutoff)).rowcount
+    deliveries = conn.execute(
+        f"DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE received_at < ? "
+        f"LIMIT {PRUNE_BATCH})", (cutoff,)).rowcount
+    return events, deliveries
+
+
+def prune(store: "Store", dedupe_days: int, include_dead: bool = False, now: float | None = None) -> tuple[int, int]:
+    """Forget events older than ``dedupe_days`` that are done or ignored (and dead
+    ones with ``include_dead``), and deliveries of that age. Returns the counts.
+
+    Pending events are never pruned. Freed pages go back to the file system
+    (auto_vacuum = INCREMENTAL) and the WAL is checkpointed.
+    """
+    cutoff = utc_iso((time.time() if now is None else now) - dedupe_days * 86400)
+    statuses = ("done", "ignored", "dead") if include_dead else ("done", "ignored")
+    total_events = total_deliveries = 0
+    while True:
+        events, deliveries = store.write(lambda conn: _prune_batch(conn, cutoff, statuses))
+        total_events += events
+        total_deliveries += deliveries
+        if events < PRUNE_BATCH and deliveries < PRUNE_BATCH:
+            break
+    store.write(lambda conn: conn.execute("PRAGMA incremental_vacuum").fetchall())
+    store.checkpoint()
+    return total_events, total_deliveries
+
+
 class InstanceLock:
     """One `serve` per database: a second one would race the first's worker."""
 
@@ -928,6 +999,7 @@ import bottle  # noqa: E402  (third-party imports sit with the section that need
 import waitress  # noqa: E402
 import waitress.channel  # noqa: E402
 import waitress.task  # noqa: E402
+import waitress.wasyncore  # noqa: E402
 
 _JSON = [("Content-Type", "application/json")]
 _OK = b'{"ok": true}'
@@ -992,102 +1064,129 @@ def parse_event(body: bytes, fetch_kinds: Iterable[str]) -> ParsedEvent:
     return ParsedEvent(event_id, event_type, data_id, created, status, last_error, text)
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestPolicy:
+    """Everything a request is judged by; swapped whole on SIGHUP, so a request
+    never sees half-old, half-new settings."""
+
+    verifier: SignatureVerifier
+    max_age: float
+    max_skew: float
+    max_body: int
+    fetch_kinds: frozenset
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "RequestPolicy":
+        webhook = settings["webhook"]
+        return cls(SignatureVerifier(webhook["secrets"], webhook["signature_payload"]),
+                   webhook["max_timestamp_age"], webhook["max_clock_skew"],
+                   settings["server"]["max_body_bytes"], frozenset(settings.fetch))
+
+
 class Receiver:
     """The webhook route and the health check, as a Bottle app."""
 
     def __init__(self, settings: Settings, store: Store, worker: "Worker | None" = None) -> None:
-        self.settings = settings
         self.store = store
         self.worker = worker
-        self.configure(settings)
+        self.path = settings["server"]["path"]
+        self.policy = RequestPolicy.from_settings(settings)
         self.app = self._build_app()
-
-    def configure(self, settings: Settings) -> None:
-        """(Re)read the parts of the settings a request uses."""
-        webhook = settings["webhook"]
-        self.verifier = SignatureVerifier(webhook["secrets"], webhook["signature_payload"])
-        self.max_age = webhook["max_timestamp_age"]
-        self.max_skew = webhook["max_clock_skew"]
-        self.max_body = settings["server"]["max_body_bytes"]
-        self.fetch_kinds = frozenset(settings.fetch)
 
     def _build_app(self) -> bottle.Bottle:
         app = bottle.Bottle(catchall=True)
         app.config["json.enable"] = False  # answers are pre-encoded bytes
-        app.route(self.settings["server"]["path"], "POST", self.receive_webhook)
+        app.route(self.path, "POST", self.receive_webhook)
         app.route("/healthz", "GET", self.healthz)
         for code in (404, 405, 500):
             app.error(code)(self._error_page)
         return app
 
-    def _answer(self, status: int, body: bytes) -> bottle.HTTPResponse:
+    @staticmethod
+    def _answer(status: int, body: bytes) -> bottle.HTTPResponse:
         return bottle.HTTPResponse(body=body, status=status, headers=_JSON)
 
-    def _reject(self, status: int, reason: str, environ: dict, message: str) -> bottle.HTTPResponse:
-        logger.warning(
-            "webhook rejected status=%d reason=%s remote=%s trace=%s",
-            status, reason, environ.get("REMOTE_ADDR", "-"), environ.get("HTTP_X_CLOUD_TRACE_CONTEXT", "-"),
-        )
+    @staticmethod
+    def _log_request(level: int, environ: dict, status: int, started: float, details: str) -> None:
+        """The one line each request gets: never a payload, never a secret."""
+        logger.log(level, "request method=%s path=%s status=%d ms=%.1f %s remote=%s",
+                   environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status,
+                   (time.perf_counter() - started) * 1000, details, environ.get("REMOTE_ADDR", "-"))
+
+    def _reject(self, status: int, reason: str, environ: dict, started: float, message: str) -> bottle.HTTPResponse:
+        self._log_request(logging.WARNING, environ, status, started,
+                          f"reason={reason} trace={environ.get('HTTP_X_CLOUD_TRACE_CONTEXT', '-')}")
         return self._answer(status, _json_error(message))
 
     def receive_webhook(self) -> bottle.HTTPResponse:
         """POST <path>: verify, store durably, then answer."""
+        started = time.perf_counter()
         environ = bottle.request.environ
+        policy = self.policy
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
-            return self._reject(400, "bad_content_length", environ, "invalid Content-Length")
-        if length > self.max_body:
-            return self._reject(413, "body_too_large", environ, "body too large")
+            return self._reject(400, "bad_content_length", environ, started, "invalid Content-Length")
+        if length > policy.max_body:
+            return self._reject(413, "body_too_large", environ, started, "body too large")
         body = environ["wsgi.input"].read(length) if length > 0 else b""
 
         signature = environ.get("HTTP_X_NOYO_SIGNATURE")
         timestamp = environ.get("HTTP_X_NOYO_TIMESTAMP")
         if not signature:
-            return self._reject(401, "no_signature", environ, "unauthorized")
-        match = self.verifier.verify(signature, timestamp, body)
+            return self._reject(401, "no_signature", environ, started, "unauthorized")
+        match = policy.verifier.verify(signature, timestamp, body)
         if match is None:
-            return self._reject(401, "no_matching_signature", environ, "unauthorized")
-        window = check_timestamp(timestamp, time.time(), self.max_age, self.max_skew)
+            return self._reject(401, "no_matching_signature", environ, started, "unauthorized")
+        window = check_timestamp(timestamp, time.time(), policy.max_age, policy.max_skew)
         if window is not None:
-            return self._reject(401, window, environ, "unauthorized")
+            return self._reject(401, window, environ, started, "unauthorized")
 
         try:
-            parsed = parse_event(body, self.fetch_kinds)
+            parsed = parse_event(body, policy.fetch_kinds)
         except BadEvent as exc:
-            return self._reject(400, str(exc).replace(" ", "_"), environ, str(exc))
+            return self._reject(400, str(exc).replace(" ", "_"), environ, started, str(exc))
 
         delivery = Delivery(
             received_at=utc_iso(), noyo_timestamp=timestamp,
             trace_context=environ.get("HTTP_X_CLOUD_TRACE_CONTEXT"),
             secret_name=match.secret_name, signature_form=match.form,
         )
+        event_fields = f"event_id={parsed.event_id} type={parsed.type or '-'}"
         try:
             duplicate = self.store.write(lambda conn: store_event(conn, parsed, delivery))
         except StoreError as exc:
-            logger.error("webhook not stored status=503 event_id=%s type=%s error=%s",
-                         parsed.event_id, parsed.type, exc)
+            self._log_request(logging.ERROR, environ, 503, started, f"{event_fields} reason=not_stored error={exc}")
             return self._answer(503, _json_error("cannot store the event now; retry later"))
-        logger.info(
-            "webhook stored event_id=%s type=%s status=%s duplicate=%d secret=%s form=%s",
-            parsed.event_id, parsed.type, parsed.status, duplicate, match.secret_name, match.form,
-        )
+        self._log_request(logging.INFO, environ, 200, started,
+                          f"{event_fields} stored={parsed.status} duplicate={int(duplicate)} "
+                          f"secret={match.secret_name} form={match.form}")
         if not duplicate and parsed.status == "pending" and self.worker is not None:
             self.worker.wake()
         return self._answer(200, _OK_DUPLICATE if duplicate else _OK)
 
-    def healthz(self) -> bottle.HTTPResponse:
-        """GET /healthz: 200 when a write commits and the worker runs, else 503."""
+    def health_problems(self) -> list[str]:
+        """Why the service is unhealthy (empty when a write commits and the worker progresses)."""
         problems = []
         try:
             self.store.write(lambda conn: set_meta(conn, "healthz_at", utc_iso()), timeout=self.store.busy_timeout + 2)
         except StoreError as exc:
             problems.append(f"database not writable: {exc}")
-        if self.worker is not None and not self.worker.alive():
-            problems.append("worker is not running")
+        if self.worker is not None:
+            stalled = self.worker.stalled()
+            if stalled:
+                problems.append(stalled)
+        return problems
+
+    def healthz(self) -> bottle.HTTPResponse:
+        """GET /healthz: 200 when a write commits and the worker progresses, else 503."""
+        started = time.perf_counter()
+        problems = self.health_problems()
+        environ = bottle.request.environ
         if problems:
-            logger.warning("health check failed problems=%s", "; ".join(problems))
+            self._log_request(logging.WARNING, environ, 503, started, "problems=" + json.dumps("; ".join(problems)))
             return self._answer(503, json.dumps({"ok": False, "problems": problems}).encode())
+        self._log_request(logging.DEBUG, environ, 200, started, "check=healthz")
         return self._answer(200, _OK)
 
     def _error_page(self, error: bottle.HTTPError) -> bytes:
@@ -1096,8 +1195,8 @@ class Receiver:
             logger.error("internal error method=%s path=%s error=%r", environ.get("REQUEST_METHOD"),
                          environ.get("PATH_INFO"), error.exception)
         else:
-            logger.info("request rejected status=%d method=%s path=%s remote=%s", error.status_code,
-                        environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), environ.get("REMOTE_ADDR", "-"))
+            logger.info("request method=%s path=%s status=%d remote=%s", environ.get("REQUEST_METHOD"),
+                        environ.get("PATH_INFO"), error.status_code, environ.get("REMOTE_ADDR", "-"))
         bottle.response.content_type = "application/json"
         return _json_error(error.status_line.split(" ", 1)[1].lower())
 
@@ -1108,7 +1207,7 @@ class _LoggedErrorTask(waitress.task.ErrorTask):
 
     def execute(self) -> None:
         error = self.request.error
-        logger.warning("request rejected by http layer status=%d reason=%s remote=%s",
+        logger.warning("request rejected by the http layer status=%d reason=%s remote=%s",
                        error.code, "_".join(error.reason.lower().split()), self.channel.addr[0] if self.channel.addr else "-")
         super().execute()
 
@@ -1206,8 +1305,22 @@ def unwrap_object(data: Any, expected_id: str) -> dict:
     return data
 
 
+def _abort_connection(conn: http.client.HTTPConnection, fired: threading.Event) -> None:
+    fired.set()
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv()
+        except OSError:
+            pass
+
+
 class _HttpPool:
-    """Keep-alive HTTP(S) connections, one per host per thread."""
+    """Keep-alive HTTP(S) connections, one per host per thread.
+
+    ``timeout`` bounds the whole exchange, not each socket operation: a
+    server that trickles a byte a second would otherwise hold a fetch forever.
+    """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
@@ -1227,17 +1340,28 @@ class _HttpPool:
                     conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout, context=self._ssl)
                 else:
                     conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+            fired = threading.Event()
+            deadline = threading.Timer(self.timeout, _abort_connection, (conn, fired))
+            deadline.daemon = True
+            deadline.start()
             try:
                 conn.request(method, target, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
             except (http.client.HTTPException, OSError) as exc:
                 conn.close()
+                if fired.is_set():
+                    raise TimeoutError(f"no complete answer within {self.timeout:g}s") from None
                 # A kept-alive connection the server already closed fails at
                 # once; retry that on a fresh one, but never a timeout.
                 if reused and not isinstance(exc, TimeoutError):
                     continue
                 raise
+            finally:
+                deadline.cancel()
+            if fired.is_set():
+                conn.close()
+                raise TimeoutError(f"no complete answer within {self.timeout:g}s")
             if response.will_close:
                 conn.close()
             else:
@@ -1561,12 +1685,14 @@ class Worker:
         self.max_attempts = worker["max_attempts"]
         self.backoff_initial = worker["backoff_initial"]
         self.backoff_max = worker["backoff_max"]
+        # A fetch is a token request plus a GET, each bounded by the timeout.
+        self.fetch_deadline = settings["noyo_api"]["timeout"] * 2
         # A claimed event comes back by itself if this process dies mid-fetch.
-        self.lease = settings["noyo_api"]["timeout"] * 3 + 30
+        self.lease = self.fetch_deadline + 30
         self.health = ApiHealth(self.backoff_initial, self.backoff_max)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._inflight: set[tuple[str, str | None]] = set()
+        self._inflight: dict[tuple[str, str | None], float] = {}  # key -> monotonic start
         self._inflight_lock = threading.Lock()
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -1600,6 +1726,20 @@ class Worker:
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def stalled(self) -> str | None:
+        """Why the worker is not making progress, or None (for /healthz and the watchdog)."""
+        if not self.alive():
+            return "worker thread is not running"
+        now = time.monotonic()
+        idle = now - self.last_progress
+        if idle > self.MAX_SLEEP + 30:
+            return f"worker loop has not run for {idle:.0f}s"
+        with self._inflight_lock:
+            oldest = min(self._inflight.values(), default=now)
+        if now - oldest > self.fetch_deadline + 30:
+            return f"a fetch has been in flight for {now - oldest:.0f}s"
+        return None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop dispatching; fetches in flight are abandoned (their leases return them)."""
@@ -1689,7 +1829,8 @@ class Worker:
 
         self.store.write(claim_rows)
         with self._inflight_lock:
-            self._inflight.update(claim.key for claim, _ in fetchable)
+            started = time.monotonic()
+            self._inflight.update((claim.key, started) for claim, _ in fetchable)
         for claim, url in fetchable:
             self._tasks.put((claim, url))
 
@@ -1707,7 +1848,7 @@ class Worker:
                 logger.exception("worker failed on an object kind=%s id=%s", claim.kind, claim.data_id)
             finally:
                 with self._inflight_lock:
-                    self._inflight.discard(claim.key)
+                    self._inflight.pop(claim.key, None)
                 self.wake()
 
     def _fetch_and_record(self, claim: _Claim, url: str) -> None:
@@ -1789,6 +1930,254 @@ class Worker:
             logger.warning("cannot record api state error=%s", exc)
 
 
+# --- Service ---------------------------------------------------------------
+
+
+def sd_notify(message: str) -> bool:
+    """Send one systemd notify message (READY=1, STATUS=..., WATCHDOG=1, STOPPING=1).
+
+    The protocol is a datagram to ``$NOTIFY_SOCKET``; a leading ``@`` means
+    the abstract namespace. Without the variable it does nothing.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        logger.warning("cannot notify systemd socket=%s error=%s", os.environ.get("NOTIFY_SOCKET"), exc)
+        return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings systemd expects (None when it expects none)."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 1_000_000
+    except ValueError:
+        return None
+
+
+class Housekeeper:
+    """Everything periodic, off the request path, in one thread: SIGHUP reloads,
+    systemd's watchdog and status line, daily pruning."""
+
+    STATUS_EVERY = 10.0
+    PRUNE_EVERY = 86400.0
+    PRUNE_FIRST_AFTER = 60.0
+
+    def __init__(self, service: "Service") -> None:
+        self.service = service
+        self.watchdog = watchdog_interval()
+        self.tick = min(self.STATUS_EVERY, self.watchdog / 3) if self.watchdog else self.STATUS_EVERY
+        self.reload_requested = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._next_prune = time.monotonic() + self.PRUNE_FIRST_AFTER
+        self._unhealthy_logged = 0.0
+        self._thread = threading.Thread(target=self._run, name="noyo-housekeeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_reload(self) -> None:
+        """Called from the SIGHUP handler: only sets flags."""
+        self.reload_requested = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.tick)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            for chore in (self._reload_if_asked, self._feed_watchdog, self._report_status, self._prune_if_due):
+                try:
+                    chore()
+                except Exception:  # noqa: BLE001 - one failing chore must not stop the others
+                    logger.exception("housekeeping failed chore=%s", chore.__name__)
+
+    def _reload_if_asked(self) -> None:
+        if self.reload_requested:
+            self.reload_requested = False
+            self.service.reload()
+
+    def _feed_watchdog(self) -> None:
+        if not self.watchdog:
+            return
+        problems = self.service.self_check(timeout=self.watchdog / 2)
+        if not problems:
+            sd_notify("WATCHDOG=1")
+        elif time.monotonic() - self._unhealthy_logged > 30:
+            self._unhealthy_logged = time.monotonic()
+            logger.error("withholding the systemd watchdog ping problems=%s", json.dumps("; ".join(problems)))
+
+    def _report_status(self) -> None:
+        sd_notify("STATUS=" + self.service.status_line())
+
+    def _prune_if_due(self) -> None:
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + self.PRUNE_EVERY
+            self.service.prune()
+
+
+class Service:
+    """`serve`: the store, the worker, the HTTP server, and their lifecycle."""
+
+    SHUTDOWN_FLUSH = 2.0  # seconds to send the answers of requests that finished
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        db = settings["database"]
+        self.lock = InstanceLock(db["path"])
+        self.store = Store(db["path"], db["synchronous"], db["busy_timeout"])
+        self.worker: Worker | None = None
+        self.receiver: Receiver | None = None
+        self.server: Any = None
+        self.housekeeper = Housekeeper(self)
+
+    def open(self) -> None:
+        """Take the lock, open the database, bind the port. Raises StoreError."""
+        self.lock.acquire()
+        self.store.open()
+        client = NoyoClient(self.settings) if self.settings.fetching_enabled else None
+        self.worker = Worker(self.settings, self.store, client)
+        self.receiver = Receiver(self.settings, self.store, self.worker)
+        server = self.settings["server"]
+        try:
+            self.server = create_http_server(self.settings, self.receiver.app)
+        except OSError as exc:
+            raise StoreError(f"cannot listen on {server['host']}:{server['port']}: {exc.strerror}; "
+                             "is another program using the port?") from None
+
+    @property
+    def self_address(self) -> tuple[str, int]:
+        host = self.server.effective_host
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        return host, int(self.server.effective_port)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; then shut down cleanly and return 0."""
+        assert self.worker is not None and self.receiver is not None
+        signal.signal(signal.SIGTERM, _raise_shutdown)
+        signal.signal(signal.SIGINT, _raise_shutdown)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.housekeeper.request_reload())
+        try:
+            self.worker.start()
+            self.housekeeper.start()
+            _log_startup(self.settings, *self.self_address)
+            sd_notify("READY=1\nSTATUS=" + self.status_line())
+            # waitress leaves its loop on SystemExit raised in this thread; it
+            # then lets its task threads finish (up to 5 s) before returning.
+            self.server.run()
+        except _Shutdown:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        """Stop accepting, answer what finished, stop the worker, checkpoint."""
+        sd_notify("STOPPING=1")
+        logger.info("shutting down")
+        if self.server is not None:
+            self._send_finished_answers()
+        self.housekeeper.stop()
+        if self.worker is not None:
+            self.worker.stop(timeout=2.0)
+        self.store.close()
+        self.lock.release()
+        logger.info("stopped")
+
+    def _send_finished_answers(self) -> None:
+        """The requests that finished during shutdown have answers in waitress's
+        output buffers; its loop has stopped, so run it a little longer to send
+        them (with the listening socket closed: no new connections)."""
+        server = self.server
+        server.close()
+        channels = server._map  # waitress's socket map (guarded by test_lifecycle)
+        deadline = time.monotonic() + self.SHUTDOWN_FLUSH
+        while time.monotonic() < deadline and any(
+                getattr(channel, "total_outbufs_len", 0) for channel in list(channels.values())):
+            waitress.wasyncore.loop(timeout=0.05, map=channels, use_poll=True, count=1)
+        for channel in list(channels.values()):
+            channel.close()
+
+    def self_check(self, timeout: float) -> list[str]:
+        """A real GET /healthz through the HTTP server: proves the loop, a task
+        thread, a database commit and the worker all make progress."""
+        host, port = self.self_address
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            return [f"health check request failed: {exc.__class__.__name__}: {exc}"]
+        finally:
+            conn.close()
+        if response.status == 200:
+            return []
+        try:
+            return json.loads(body).get("problems") or [f"healthz answered {response.status}"]
+        except (ValueError, AttributeError):
+            return [f"healthz answered {response.status}"]
+
+    def status_line(self) -> str:
+        """A short summary for `systemctl status`."""
+        conn = self.store.read()
+        try:
+            pending = conn.execute("SELECT COUNT(*) FROM events WHERE status = 'pending'").fetchone()[0]
+            dead = conn.execute("SELECT COUNT(*) FROM events WHERE status = 'dead'").fetchone()[0]
+        finally:
+            conn.close()
+        if self.worker is None or self.worker.client is None:
+            api = "fetching off"
+        else:
+            api = "api " + self.worker.health.snapshot()["state"].replace("_", " ")
+        return f"pending={pending} dead={dead} {api}"
+
+    def reload(self) -> None:
+        """SIGHUP: re-read [webhook] and [log]; keep everything if the file is broken."""
+        assert self.receiver is not None
+        try:
+            new = load_settings(self.settings.config_path)
+        except ConfigError as exc:
+            logger.error("reload failed, keeping the running settings: %s", exc)
+            return
+        values = {**self.settings.values, "webhook": new["webhook"], "log": new["log"]}
+        self.settings = dataclasses.replace(self.settings, values=values, sources=new.sources)
+        self.receiver.policy = RequestPolicy.from_settings(self.settings)
+        logging.getLogger().setLevel(new["log"]["level"])
+        restart_needed = [s for s in ("server", "database", "noyo_api", "worker")
+                          if new[s] != self.settings[s]] + (["fetch"] if new.fetch != self.settings.fetch else [])
+        logger.info("reloaded secrets=%s signature_payload=%s log_level=%s%s",
+                    ",".join(name for name, _ in new["webhook"]["secrets"]),
+                    new["webhook"]["signature_payload"], new["log"]["level"],
+                    f" restart_needed_for={','.join(restart_needed)}" if restart_needed else "")
+        _warn_about_development_secret(self.settings)
+
+    def prune(self, include_dead: bool = False) -> tuple[int, int]:
+        events, deliveries = prune(self.store, self.settings["database"]["dedupe_days"], include_dead)
+        logger.info("pruned events=%d deliveries=%d older_than_days=%d", events, deliveries,
+                    self.settings["database"]["dedupe_days"])
+        return events, deliveries
+
+
 # --- Command line ----------------------------------------------------------
 
 
@@ -1844,40 +2233,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP server and the worker until SIGTERM or SIGINT."""
     settings = load_settings(_config_path(args))
     logging.getLogger().setLevel(settings["log"]["level"])
-    db_path = settings["database"]["path"]
-    lock = InstanceLock(db_path)
-    lock.acquire()
-    store = Store(db_path, settings["database"]["synchronous"], settings["database"]["busy_timeout"])
-    worker: Worker | None = None
+    service = Service(settings)
     try:
-        store.open()
-        client = NoyoClient(settings) if settings.fetching_enabled else None
-        worker = Worker(settings, store, client)
-        receiver = Receiver(settings, store, worker)
-        host, port = settings["server"]["host"], settings["server"]["port"]
-        try:
-            server = create_http_server(settings, receiver.app)
-        except OSError as exc:
-            raise StoreError(f"cannot listen on {host}:{port}: {exc.strerror}; is another program using the port?") from None
-        signal.signal(signal.SIGTERM, _raise_shutdown)
-        signal.signal(signal.SIGINT, _raise_shutdown)
-        try:
-            worker.start()
-            _log_startup(settings, server.effective_host, server.effective_port)
-            server.run()
-        except _Shutdown:
-            pass
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        logger.info("shutting down")
-        server.close()
-    finally:
-        if worker is not None:
-            worker.stop()
-        store.close()
-        lock.release()
-    logger.info("stopped")
-    return 0
+        service.open()
+    except BaseException:
+        service.store.close()
+        service.lock.release()
+        raise
+    return service.run()
 
 
 def _raise_shutdown(signum: int, _frame: Any) -> None:
@@ -1892,7 +2255,11 @@ def _log_startup(settings: Settings, host: str, port: int) -> None:
         ",".join(name for name, _ in webhook["secrets"]), webhook["signature_payload"],
         "on" if settings.fetching_enabled else "off", __version__,
     )
-    for name, secret in webhook["secrets"]:
+    _warn_about_development_secret(settings)
+
+
+def _warn_about_development_secret(settings: Settings) -> None:
+    for name, secret in settings["webhook"]["secrets"]:
         if secret == DEVELOPMENT_SECRET:
             logger.warning(
                 "!!! webhook secret %r is the public DEVELOPMENT secret from the example ini: anyone can forge "

@@ -77,7 +77,7 @@ class FakeNoyo:
 
     def start(self) -> "FakeNoyo":
         handler = type("Handler", (_Handler,), {"fake": self})
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self._server = _QuietServer(("127.0.0.1", self.port), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -163,6 +163,11 @@ class FakeNoyo:
             self.request_seen.notify_all()
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that hung up on a slow or trickling answer is the point of the fault
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     fake: FakeNoyo
     protocol_version = "HTTP/1.1"
@@ -225,6 +230,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _apply(self, fault: Fault, obj: dict) -> None:
         if fault.action == "drop":
+            self.fake._record(self, 0)
+            self.close_connection = True
+            return
+        if fault.action == "trickle":
+            # Headers one byte at a time: every read is quick, the answer never completes.
+            try:
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" * 10:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(fault.delay)
+            except OSError:
+                pass
             self.fake._record(self, 0)
             self.close_connection = True
             return

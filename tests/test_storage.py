@@ -75,7 +75,7 @@ def test_503_when_the_database_stays_locked_then_200_again(listener):
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    listener.wait_for_log(r"webhook not stored status=503 event_id=while-locked")
+    listener.wait_for_log(r"status=503 ms=\S+ event_id=while-locked type=difference.created reason=not_stored")
     with listener.db() as conn:
         assert conn.execute("SELECT COUNT(*) FROM events WHERE event_id = 'while-locked'").fetchone()[0] == 0
 

@@ -230,12 +230,13 @@ def test_404_for_a_while_then_found(fetching, fake_noyo):
 
 
 @pytest.mark.parametrize("fault, error", [
-    (Fault("slow", delay=2.5), "timed out"),
+    (Fault("slow", delay=2.5), "TimeoutError: no complete answer within 2s"),
+    (Fault("trickle", delay=0.3), "TimeoutError: no complete answer within 2s"),  # a byte every 0.3s
     (Fault("drop", times=2), "RemoteDisconnected"),  # a reused connection is retried once on a fresh one
     (Fault("invalid_json"), "answer is not JSON"),
     (Fault("wrong_id"), "answer is for id 'someone-else'"),
     (Fault("not_object"), "answer is not a JSON object"),
-], ids=["slow", "dropped", "invalid-json", "wrong-id", "not-an-object"])
+], ids=["slow", "trickle", "dropped", "invalid-json", "wrong-id", "not-an-object"])
 def test_broken_answers_are_failed_fetches_never_data(fetching, fake_noyo, fault, error):
     fake_noyo.put("difference", difference("d-x"))
     fake_noyo.add_fault(fault)
