@@ -270,11 +270,13 @@ def _read_secret_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str]
             path = os.path.join(cred_dir, name)
             try:
                 with open(path, encoding="utf-8") as handle:
-                    found[name] = (handle.read().strip(), "credential")
+                    value = handle.read().strip()
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 raise ConfigError(f"cannot read credential {path}: {exc.strerror}") from None
+            if value:  # an empty file means "not set", like an empty variable
+                found[name] = (value, "credential")
     return found
 
 
@@ -527,26 +529,33 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, readonly: bool = False) -> sqlite3.Connection:
+def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mode: str = "write") -> sqlite3.Connection:
     """Open ``path`` with the pragmas every connection of this program uses.
+
+    ``mode`` is ``write`` (sets up WAL, synchronous and auto_vacuum: only the
+    writer and the CLI's own writers), ``read`` (a reader of a database the
+    writer has set up: it must never wait for a write lock) or ``readonly``
+    (the file opened read-only, for `status` and `backup`).
 
     Autocommit mode: writers say ``BEGIN IMMEDIATE`` themselves, so a
     transaction never upgrades from read to write halfway (which can fail
     with SQLITE_BUSY regardless of the busy timeout).
     """
-    if readonly:
+    if mode == "readonly":
         uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-    if not readonly:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
+    if mode == "write":
+        # Lets prune give pages back. Only takes effect on a new, empty file,
+        # and only if set before WAL mode writes the header.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        journal = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if journal.lower() != "wal":
             conn.close()
-            raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {mode}); is it on a network filesystem?")
+            raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {journal}); is it on a network filesystem?")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
-    conn.execute("PRAGMA foreign_keys = ON")
     return conn
 
 
@@ -651,9 +660,6 @@ class Store:
         try:
             _create_private_file(self.path)
             conn = connect(self.path, self.synchronous, self.busy_timeout)
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                # Only takes effect before the first table: lets prune give pages back.
-                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             migrate(conn, self.path)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
@@ -702,7 +708,7 @@ class Store:
 
     def read(self) -> sqlite3.Connection:
         """A new connection for reading (WAL readers never block the writer)."""
-        return connect(self.path, self.synchronous, self.busy_timeout)
+        return connect(self.path, self.synchronous, self.busy_timeout, mode="read")
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued, stop the writer, close. Safe to call twice."""
@@ -1091,6 +1097,7 @@ class Receiver:
         self.worker = worker
         self.path = settings["server"]["path"]
         self.policy = RequestPolicy.from_settings(settings)
+        self._health_write = threading.Lock()
         self.app = self._build_app()
 
     def _build_app(self) -> bottle.Bottle:
@@ -1168,10 +1175,18 @@ class Receiver:
     def health_problems(self) -> list[str]:
         """Why the service is unhealthy (empty when a write commits and the worker progresses)."""
         problems = []
-        try:
-            self.store.write(lambda conn: set_meta(conn, "healthz_at", utc_iso()), timeout=self.store.busy_timeout + 2)
-        except StoreError as exc:
-            problems.append(f"database not writable: {exc}")
+        # One health write at a time: probes against a stuck disk must not
+        # pile up and take every HTTP thread.
+        if self._health_write.acquire(blocking=False):
+            try:
+                self.store.write(lambda conn: set_meta(conn, "healthz_at", utc_iso()),
+                                 timeout=self.store.busy_timeout + 2)
+            except StoreError as exc:
+                problems.append(f"database not writable: {exc}")
+            finally:
+                self._health_write.release()
+        else:
+            problems.append("database not writable: the previous health check's write has not finished")
         if self.worker is not None:
             stalled = self.worker.stalled()
             if stalled:
@@ -2033,9 +2048,35 @@ class Housekeeper:
             self.service.prune()
 
 
+def _finish_queued_requests_at_shutdown(dispatcher: Any, grace: float) -> None:
+    """Make waitress finish queued requests before it stops its threads.
+
+    On SystemExit waitress calls ``task_dispatcher.shutdown()``, which lets
+    running tasks finish but cancels queued ones: their clients would get a
+    closed connection. Wait (bounded) for the queue to drain first. Relies on
+    waitress internals (``queue``, ``active_count``, ``lock``); test_lifecycle
+    fails if they change.
+    """
+    original = dispatcher.shutdown
+
+    def shutdown(cancel_pending: bool = True, timeout: float = grace) -> bool:
+        logger.info("stop requested; finishing requests in flight")
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with dispatcher.lock:
+                busy = len(dispatcher.queue) + dispatcher.active_count
+            if not busy:
+                break
+            time.sleep(0.01)
+        return original(cancel_pending=cancel_pending, timeout=max(0.1, deadline - time.monotonic()))
+
+    dispatcher.shutdown = shutdown
+
+
 class Service:
     """`serve`: the store, the worker, the HTTP server, and their lifecycle."""
 
+    REQUESTS_GRACE = 5.0  # seconds for requests in flight (running or queued) to finish
     SHUTDOWN_FLUSH = 2.0  # seconds to send the answers of requests that finished
 
     def __init__(self, settings: Settings) -> None:
@@ -2061,6 +2102,7 @@ class Service:
         except OSError as exc:
             raise StoreError(f"cannot listen on {server['host']}:{server['port']}: {exc.strerror}; "
                              "is another program using the port?") from None
+        _finish_queued_requests_at_shutdown(self.server.task_dispatcher, self.REQUESTS_GRACE)
 
     @property
     def self_address(self) -> tuple[str, int]:
@@ -2272,7 +2314,7 @@ def gather_status(settings: Settings) -> dict:
     if not os.path.exists(path):
         raise StoreError(f"no database at {path} yet; start `serve` first")
     try:
-        conn = connect(path, busy_timeout=settings["database"]["busy_timeout"], readonly=True)
+        conn = connect(path, busy_timeout=settings["database"]["busy_timeout"], mode="readonly")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open {path}: {exc}") from None
     try:
@@ -2354,6 +2396,64 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_store(settings: Settings) -> Store:
+    path = settings["database"]["path"]
+    if not os.path.exists(path):
+        raise StoreError(f"no database at {path}")
+    store = Store(path, settings["database"]["synchronous"], settings["database"]["busy_timeout"])
+    store.open()
+    return store
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Forget done/ignored events (and, with --dead, dead ones) older than dedupe_days."""
+    settings = load_settings(_config_path(args))
+    store = _open_store(settings)
+    try:
+        events, deliveries = prune(store, settings["database"]["dedupe_days"], include_dead=args.dead)
+    finally:
+        store.close()
+    kinds = "done, ignored and dead" if args.dead else "done and ignored"
+    print(f"pruned {events} {kinds} event(s) and {deliveries} deliveries older than "
+          f"{settings['database']['dedupe_days']} days")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Copy the database with SQLite's online backup API (consistent while serving)."""
+    settings = load_settings(_config_path(args))
+    path = settings["database"]["path"]
+    if not os.path.exists(path):
+        raise StoreError(f"no database at {path}")
+    try:
+        fd = os.open(args.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds member data
+    except FileExistsError:
+        raise StoreError(f"{args.dest} already exists; choose a new name (backup never overwrites)") from None
+    except OSError as exc:
+        raise StoreError(f"cannot create {args.dest}: {exc.strerror}") from None
+    os.close(fd)
+    started = time.monotonic()
+    try:
+        source = connect(path, busy_timeout=settings["database"]["busy_timeout"], mode="readonly")
+        target = sqlite3.connect(args.dest, isolation_level=None)
+        try:
+            source.backup(target)  # one step: a single consistent snapshot
+            check = target.execute("PRAGMA quick_check").fetchone()[0]
+            events = target.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        finally:
+            target.close()
+            source.close()
+    except sqlite3.Error as exc:
+        os.unlink(args.dest)
+        raise StoreError(f"backup of {path} failed: {exc}") from None
+    if check != "ok":
+        raise StoreError(f"backup {args.dest} failed its integrity check: {check}")
+    size = os.path.getsize(args.dest)
+    print(f"backed up {path} to {args.dest}: {events} events, {size} bytes, "
+          f"{time.monotonic() - started:.2f}s, integrity ok")
+    return 0
+
+
 def build_test_event(event_type: str, data_id: str | None) -> bytes:
     """A body shaped like Noyo's (``test.hello_world`` carries a message, not an id)."""
     if event_type == "test.hello_world" and data_id is None:
@@ -2425,6 +2525,14 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--form", choices=(FORM_TIMESTAMP_BODY, FORM_BODY), default=FORM_TIMESTAMP_BODY,
                       help="what to sign (default: timestamp.body)")
     send.set_defaults(func=cmd_send_test)
+
+    prune_cmd = commands.add_parser("prune", help="forget old done/ignored events now (serve does it daily)")
+    prune_cmd.add_argument("--dead", action="store_true", help="also dead events older than dedupe_days")
+    prune_cmd.set_defaults(func=cmd_prune)
+
+    backup = commands.add_parser("backup", help="consistent copy of the database, safe while serving")
+    backup.add_argument("dest", metavar="DEST", help="new file to write (never overwritten)")
+    backup.set_defaults(func=cmd_backup)
 
     requeue = commands.add_parser("requeue", help="put events back to pending")
     which = requeue.add_mutually_exclusive_group(required=True)
