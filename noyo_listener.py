@@ -1986,7 +1986,6 @@ class Housekeeper:
 
     STATUS_EVERY = 10.0
     PRUNE_EVERY = 86400.0
-    PRUNE_FIRST_AFTER = 60.0
 
     def __init__(self, service: "Service") -> None:
         self.service = service
@@ -1995,7 +1994,7 @@ class Housekeeper:
         self.reload_requested = False
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._next_prune = time.monotonic() + self.PRUNE_FIRST_AFTER
+        self._next_prune = time.monotonic()  # at start, then daily
         self._unhealthy_logged = 0.0
         self._thread = threading.Thread(target=self._run, name="noyo-housekeeper", daemon=True)
 
@@ -2013,6 +2012,7 @@ class Housekeeper:
         self._thread.join(5)
 
     def _run(self) -> None:
+        self._prune_if_due()
         while not self._stop.is_set():
             self._wake.wait(self.tick)
             self._wake.clear()
@@ -2045,7 +2045,11 @@ class Housekeeper:
     def _prune_if_due(self) -> None:
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + self.PRUNE_EVERY
-            self.service.prune()
+            try:
+                self.service.prune()
+            except StoreError as exc:
+                logger.error("prune failed; trying again in an hour error=%s", exc)
+                self._next_prune = time.monotonic() + 3600
 
 
 def _finish_queued_requests_at_shutdown(dispatcher: Any, grace: float) -> None:
