@@ -14,6 +14,7 @@ configuration -> storage -> signature -> HTTP app -> Noyo client -> worker
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import base64
 import collections
@@ -617,15 +618,35 @@ def require_directory_of(path: str) -> None:
 
 
 class _WriteJob:
-    """One unit of work for the writer thread; the submitter waits on it."""
+    """One unit of work for the writer thread; the submitter waits on it.
 
-    __slots__ = ("fn", "done", "result", "error")
+    Completion is a bare lock, held from creation and released by the writer:
+    threading.Event is Python code over a Condition, and its wait/set pair
+    cost more CPU per request than the INSERTs themselves (bench/run.py).
+    """
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    __slots__ = ("fn", "batch_fn", "item", "_done", "result", "error")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any] | None,
+                 batch_fn: Callable[[sqlite3.Connection, list], list] | None = None, item: Any = None) -> None:
         self.fn = fn
-        self.done = threading.Event()
+        self.batch_fn = batch_fn  # jobs with the same batch_fn run as one call
+        self.item = item
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
         self.result: Any = None
         self.error: BaseException | None = None
+
+    def wait(self, timeout: float) -> bool:
+        """True once the job was committed or failed, False after ``timeout`` seconds."""
+        if self._done.acquire(timeout=timeout):
+            self._done.release()  # later waits return at once
+            return True
+        return False
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self._done.release()
 
 
 _STOP = object()
@@ -672,25 +693,33 @@ class Store:
     def writer_alive(self) -> bool:
         return self._writer is not None and self._writer.is_alive()
 
-    def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> _WriteJob:
-        """Queue ``fn(conn)`` to run inside the next write transaction."""
+    def submit(self, fn: Callable[[sqlite3.Connection], Any] | None,
+               batch_fn: Callable[[sqlite3.Connection, list], list] | None = None, item: Any = None) -> _WriteJob:
+        """Queue ``fn(conn)`` to run inside the next write transaction.
+
+        With ``batch_fn``, the job is ``item``: queued jobs with the same
+        ``batch_fn`` are handed over together as ``batch_fn(conn, items)``,
+        which returns one result per item (fewer SQLite calls per commit).
+        """
         if self._closed:
             raise StoreError("the store is closed")
-        job = _WriteJob(fn)
+        job = _WriteJob(fn, batch_fn, item)
         self._queue.put(job)
         return job
 
-    def write(self, fn: Callable[[sqlite3.Connection], Any], timeout: float | None = None) -> Any:
-        """Run ``fn(conn)`` in a write transaction; return its result once committed.
+    def write(self, fn: Callable[[sqlite3.Connection], Any] | None, timeout: float | None = None,
+              batch_fn: Callable[[sqlite3.Connection, list], list] | None = None, item: Any = None) -> Any:
+        """Run ``fn(conn)`` (or ``batch_fn`` on ``item``) in a write transaction;
+        return its result once committed.
 
         Raises StoreError if the commit failed or did not finish in ``timeout``
         seconds; then nothing may be acknowledged (the job may still commit
         later, which is safe: events are deduplicated by id).
         """
-        job = self.submit(fn)
+        job = self.submit(fn, batch_fn, item)
         if timeout is None:
             timeout = self.busy_timeout * 2 + 5
-        if not job.done.wait(timeout):
+        if not job.wait(timeout):
             raise StoreError(f"commit did not finish within {timeout:g}s")
         if job.error is not None:
             raise StoreError(str(job.error)) from job.error
@@ -747,12 +776,29 @@ class Store:
                 batch.append(item)
             self._commit(batch)
 
+    @staticmethod
+    def _run_jobs(conn: sqlite3.Connection, batch: list[_WriteJob]) -> list:
+        results: list = []
+        start = 0
+        while start < len(batch):
+            job = batch[start]
+            if job.batch_fn is None:
+                results.append(job.fn(conn))
+                start += 1
+                continue
+            end = start + 1
+            while end < len(batch) and batch[end].batch_fn is job.batch_fn:
+                end += 1
+            results.extend(job.batch_fn(conn, [j.item for j in batch[start:end]]))
+            start = end
+        return results
+
     def _commit(self, batch: list[_WriteJob]) -> None:
         conn = self._conn
         assert conn is not None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            results = [job.fn(conn) for job in batch]
+            results = self._run_jobs(conn, batch)
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - every job must get an answer
             if conn.in_transaction:
@@ -766,20 +812,18 @@ class Store:
                     self._commit([job])
                 return
             job = batch[0]
-            job.error = exc
             self.last_commit_error = str(exc)
             if isinstance(exc, sqlite3.Error):
                 logger.error("database commit failed error=%s", exc)
             else:
                 logger.exception("database write job failed")
-            job.done.set()
+            job.finish(error=exc)
             return
         if self.last_commit_error is not None:
             logger.info("database commits work again")
             self.last_commit_error = None
         for job, result in zip(batch, results):
-            job.result = result
-            job.done.set()
+            job.finish(result)
 
 
 # Writes that several sections share. Each takes the writer's connection.
@@ -809,25 +853,35 @@ class Delivery:
     signature_form: str
 
 
-def store_event(conn: sqlite3.Connection, event: "ParsedEvent", delivery: Delivery) -> bool:
-    """Insert the event (or count a repeat) and its delivery; return True if a duplicate.
+def store_events(conn: sqlite3.Connection, items: list[tuple["ParsedEvent", Delivery]]) -> list[bool]:
+    """Insert each event (or count a repeat) and its delivery; return which were duplicates.
 
-    The primary key decides what is a duplicate (never select-then-insert),
-    so concurrent deliveries of one event id leave exactly one row.
+    Runs in the single writer's ``BEGIN IMMEDIATE`` transaction, so reading
+    which ids exist and then inserting cannot race with another writer; the
+    primary key (``ON CONFLICT DO NOTHING``) still has the last word. One
+    statement per kind of row for the whole group keeps the writer's calls
+    into SQLite (each a GIL hand-off) few.
     """
-    next_attempt = delivery.received_at if event.status == "pending" else None
-    inserted = conn.execute(_INSERT_EVENT, (
-        event.event_id, event.type, event.data_id, event.created, delivery.received_at,
-        event.payload, event.status, next_attempt, event.last_error,
-    )).rowcount
-    duplicate = inserted == 0
-    if duplicate:
-        conn.execute(_COUNT_DELIVERY, (event.event_id,))
-    conn.execute(_INSERT_DELIVERY, (
-        event.event_id, delivery.received_at, delivery.noyo_timestamp, delivery.trace_context,
-        delivery.secret_name, delivery.signature_form, int(duplicate),
-    ))
-    return duplicate
+    ids = [event.event_id for event, _ in items]
+    seen = {row[0] for row in conn.execute(
+        f"SELECT event_id FROM events WHERE event_id IN ({', '.join('?' * len(ids))})", ids)}
+    new_events, repeats, deliveries, duplicates = [], [], [], []
+    for event, delivery in items:
+        duplicate = event.event_id in seen
+        if duplicate:
+            repeats.append((event.event_id,))
+        else:
+            seen.add(event.event_id)  # a second copy within this group is a duplicate too
+            new_events.append((
+                event.event_id, event.type, event.data_id, event.created, delivery.received_at, event.payload,
+                event.status, delivery.received_at if event.status == "pending" else None, event.last_error))
+        deliveries.append((event.event_id, delivery.received_at, delivery.noyo_timestamp, delivery.trace_context,
+                           delivery.secret_name, delivery.signature_form, int(duplicate)))
+        duplicates.append(duplicate)
+    conn.executemany(_INSERT_EVENT, new_events)
+    conn.executemany(_COUNT_DELIVERY, repeats)
+    conn.executemany(_INSERT_DELIVERY, deliveries)
+    return duplicates
 
 
 def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
@@ -1161,7 +1215,7 @@ class Receiver:
         )
         event_fields = f"event_id={parsed.event_id} type={parsed.type or '-'}"
         try:
-            duplicate = self.store.write(lambda conn: store_event(conn, parsed, delivery))
+            duplicate = self.store.write(None, batch_fn=store_events, item=(parsed, delivery))
         except StoreError as exc:
             self._log_request(logging.ERROR, environ, 503, started, f"{event_fields} reason=not_stored error={exc}")
             return self._answer(503, _json_error("cannot store the event now; retry later"))
@@ -1169,7 +1223,7 @@ class Receiver:
                           f"{event_fields} stored={parsed.status} duplicate={int(duplicate)} "
                           f"secret={match.secret_name} form={match.form}")
         if not duplicate and parsed.status == "pending" and self.worker is not None:
-            self.worker.wake()
+            self.worker.wake_for_new_event()
         return self._answer(200, _OK_DUPLICATE if duplicate else _OK)
 
     def health_problems(self) -> list[str]:
@@ -1228,7 +1282,25 @@ class _LoggedErrorTask(waitress.task.ErrorTask):
 
 
 class _Channel(waitress.channel.HTTPChannel):
+    """waitress's channel, with two changes (guarded by tests/test_waitress_internals.py):
+
+    - its own bad-request answers are logged;
+    - it is not "writable" while its task runs and the output fits in the
+      buffer. Stock waitress counts it writable whenever output is pending, so
+      while a task thread is mid-send the I/O loop spins on poll() and takes
+      the GIL from the very thread that would finish the response (on two
+      cores the acks/s collapse, see PERF-NOTES). The task thread flushes its
+      own output, and waitress pulls the loop's trigger when a task ends, so
+      nothing waits for the loop's timeout.
+    """
+
     error_task_class = _LoggedErrorTask
+
+    def writable(self) -> bool:
+        if (self.requests and not self.will_close and not self.close_when_flushed
+                and self.total_outbufs_len < self.adj.outbuf_high_watermark):
+            return False
+        return super().writable()
 
 
 # Chunked bodies are counted by waitress with their framing; leave room for it
@@ -1739,6 +1811,14 @@ class Worker:
         """Something changed (a new event, a finished fetch): look again now."""
         self._wake.set()
 
+    def wake_for_new_event(self) -> None:
+        """A new event was stored: wake the scheduler only if it could dispatch it
+        now. With fetching off or every slot busy, a finishing fetch (or the
+        next timer) looks at the inbox anyway; waking per event would cost a
+        scheduler cycle per request during a burst."""
+        if self.client is not None and len(self._inflight) < self.concurrency and not self._wake.is_set():
+            self._wake.set()
+
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -1996,6 +2076,7 @@ class Housekeeper:
         self._stop = threading.Event()
         self._next_prune = time.monotonic()  # at start, then daily
         self._unhealthy_logged = 0.0
+        self._queue_logged = 0.0
         self._thread = threading.Thread(target=self._run, name="noyo-housekeeper", daemon=True)
 
     def start(self) -> None:
@@ -2041,6 +2122,11 @@ class Housekeeper:
 
     def _report_status(self) -> None:
         sd_notify("STATUS=" + self.service.status_line())
+        queued, running = self.service.requests_in_flight()
+        if queued and time.monotonic() - self._queue_logged > 30:
+            self._queue_logged = time.monotonic()
+            logger.warning("requests are waiting for an HTTP thread queued=%d running=%d threads=%d",
+                           queued, running, self.service.settings["server"]["threads"])
 
     def _prune_if_due(self) -> None:
         if time.monotonic() >= self._next_prune:
@@ -2183,6 +2269,14 @@ class Service:
         except (ValueError, AttributeError):
             return [f"healthz answered {response.status}"]
 
+    def requests_in_flight(self) -> tuple[int, int]:
+        """(queued, running) HTTP requests, from waitress's dispatcher."""
+        dispatcher = self.server.task_dispatcher if self.server is not None else None
+        if dispatcher is None:
+            return 0, 0
+        with dispatcher.lock:
+            return len(dispatcher.queue), dispatcher.active_count
+
     def status_line(self) -> str:
         """A short summary for `systemctl status`."""
         conn = self.store.read()
@@ -2195,7 +2289,8 @@ class Service:
             api = "fetching off"
         else:
             api = "api " + self.worker.health.snapshot()["state"].replace("_", " ")
-        return f"pending={pending} dead={dead} {api}"
+        queued, running = self.requests_in_flight()
+        return f"pending={pending} dead={dead} {api} requests_running={running} requests_queued={queued}"
 
     def reload(self) -> None:
         """SIGHUP: re-read [webhook] and [log]; keep everything if the file is broken."""
@@ -2248,7 +2343,16 @@ class _JournalFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:
-    """Only the entry point configures logging; the module just logs."""
+    """Only the entry point configures logging; the module just logs.
+
+    The lines never show source file, thread or process, so the logging
+    module is told not to collect them (its HOWTO's "Optimization" section):
+    that walk of the stack was a measurable part of every request.
+    """
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(_JournalFormatter("%(levelname)s %(message)s"))
@@ -2279,6 +2383,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP server and the worker until SIGTERM or SIGINT."""
     settings = load_settings(_config_path(args))
     logging.getLogger().setLevel(settings["log"]["level"])
+    # waitress logs "Task queue depth is N" for every request that waits for a
+    # thread: under load that is one formatted WARNING per request on its I/O
+    # loop (15% of the loop's time in bench/run.py). The housekeeper reports
+    # queueing instead, at most every 30 s.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     service = Service(settings)
     try:
         service.open()

@@ -171,6 +171,7 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 class _Handler(http.server.BaseHTTPRequestHandler):
     fake: FakeNoyo
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
 
     def log_message(self, *args: Any) -> None:  # keep pytest output clean
         pass

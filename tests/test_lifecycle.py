@@ -74,7 +74,8 @@ def test_ready_status_watchdog_and_stopping_over_the_notify_socket(start_listene
     try:
         listener = start_listener(env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "300000"})
         ready = notify.wait_for("READY=1")
-        assert any("STATUS=pending=0 dead=0 fetching off" in m for _, m in notify.messages)
+        assert any("STATUS=pending=0 dead=0 fetching off requests_running=0 requests_queued=0" in m
+                   for _, m in notify.messages)
         first = notify.wait_for("WATCHDOG=1", after=ready)
         notify.wait_for("WATCHDOG=1", after=first)
 
@@ -104,6 +105,19 @@ def test_no_notify_socket_no_problem(listener):
 # --- SIGTERM ----------------------------------------------------------------------
 
 
+def server_read_everything(port: int, connections: int) -> bool:
+    """True once ``connections`` established sockets of the server on ``port``
+    have nothing left unread in the kernel (read from /proc/net/tcp)."""
+    server_side = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == port and fields[3] == "01":  # ESTABLISHED
+            tx_queue, rx_queue = (int(x, 16) for x in fields[4].split(":"))
+            server_side.append(rx_queue)
+    return len(server_side) >= connections and all(rx == 0 for rx in server_side)
+
+
 def test_sigterm_with_requests_in_flight_answers_them_all_and_exits_0(start_listener):
     listener = start_listener(server={"threads": 1}, database={"busy_timeout": "10s"})
     blocker = hold_write_lock(listener)  # the first request blocks in its commit; the others queue
@@ -123,7 +137,8 @@ def test_sigterm_with_requests_in_flight_answers_them_all_and_exits_0(start_list
     senders = [threading.Thread(target=send, args=(f"inflight-{n}",)) for n in range(3)]
     for sender in senders:
         sender.start()
-    listener.wait_for_log(r"Task queue depth is 2")  # one running, two queued: all three in flight
+    # All three in flight (one running, two queued) once the server has read every byte sent.
+    wait_until(lambda: server_read_everything(listener.port, connections=3), message="requests read by the server")
     listener.proc.terminate()
     listener.wait_for_log(r"stop requested; finishing requests in flight")
     blocker.execute("ROLLBACK")

@@ -109,7 +109,7 @@ def test_one_failing_job_does_not_fail_the_others_in_its_batch(tmp_path):
         jobs = [store.submit(lambda conn, i=i: noyo_listener.set_meta(conn, f"k{i}", "v")) for i in range(20)]
         jobs.insert(10, store.submit(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)")))
         for job in jobs:
-            assert job.done.wait(10)
+            assert job.wait(10)
         assert [job.error is None for job in jobs].count(False) == 1
         with sqlite3.connect(store.path) as conn:
             assert conn.execute("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'").fetchone()[0] == 20

@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""noyo-listener benchmark: durable acks against the HTTP ceiling, measured side by side.
+
+Prints one line per figure; the last line is ``ratio=<x> c=16`` (listener
+acks/s / ceiling req/s, server pinned to one core, client to the other).
+Every figure is compared with a baseline measured in the same run.
+
+    python3 bench/run.py            # full run (~10 min)
+    python3 bench/run.py --quick    # under 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(ROOT / "tests"))
+import loadgen  # noqa: E402
+
+SERVER_CPU, CLIENT_CPU = 0, 1
+ALL_CPUS = set(range(os.cpu_count() or 1))
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def machine() -> str:
+    model = "unknown cpu"
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import sqlite3 as sq
+    import waitress  # noqa: F401
+    from importlib.metadata import version
+    return (f"machine cpus={os.cpu_count()} cpu={model!r} python={platform.python_version()} "
+            f"sqlite={sq.sqlite_version} waitress={version('waitress')} bottle={version('bottle')} "
+            f"kernel={platform.release()}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_ini(tmp: Path, name: str = "bench", **sections: dict) -> Path:
+    base = {
+        "server": {"host": "127.0.0.1", "port": free_port(), "threads": 8},
+        "webhook": {"secrets": f"bench:{loadgen.SECRET}"},
+        "database": {"path": tmp / f"{name}.sqlite3", "synchronous": "FULL"},
+        "log": {"level": "INFO"},
+    }
+    for section, keys in sections.items():
+        base.setdefault(section, {}).update(keys)
+    ini = tmp / f"{name}.ini"
+    ini.write_text("\n".join(f"[{s}]\n" + "\n".join(f"{k} = {v}" for k, v in keys.items()) for s, keys in base.items()))
+    return ini
+
+
+class Process:
+    """A server subprocess, optionally pinned to one CPU, that tells its port."""
+
+    def __init__(self, argv: list[str], port_from: str, cpus: set[int] | None, log: Path) -> None:
+        prefix = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+        self.log = log
+        self.proc = subprocess.Popen(prefix + argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if port_from.startswith("file:"):
+                text = Path(port_from[5:]).read_text() if Path(port_from[5:]).exists() else ""
+                if text:
+                    self.port = int(text)
+                    return
+            else:
+                try:
+                    socket.create_connection(("127.0.0.1", int(port_from)), timeout=1).close()
+                    self.port = int(port_from)
+                    return
+                except OSError:
+                    pass
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited: {log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+        raise SystemExit("server did not start")
+
+    def rss_peak_kib(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def listener(ini: Path, cpus: set[int] | None) -> Process:
+    port = re.search(r"^port = (\d+)$", ini.read_text(), re.M).group(1)
+    return Process([sys.executable, str(ROOT / "noyo_listener.py"), "--config", str(ini), "serve"],
+                   port, cpus, ini.with_suffix(".log"))
+
+
+def ceiling(ini: Path, cpus: set[int] | None) -> Process:
+    port_file = ini.with_suffix(".port")
+    port_file.unlink(missing_ok=True)
+    return Process([sys.executable, str(BENCH / "ceiling.py"), "ceiling", str(ini), str(port_file)],
+                   f"file:{port_file}", cpus, ini.with_suffix(".ceiling.log"))
+
+
+def drive(port: int, connections: int, seconds: float, client_cpus: set[int], expected_rate: float = 12000) -> dict:
+    requests = loadgen.build_requests(int(expected_rate * seconds) + 5000)
+    os.sched_setaffinity(0, client_cpus)
+    try:
+        loadgen.run(port, requests[:2000], connections, 0.5)  # warm-up (unique ids too)
+        return loadgen.run(port, requests[2000:], connections, seconds)
+    finally:
+        os.sched_setaffinity(0, ALL_CPUS)
+
+
+def fmt(result: dict) -> str:
+    return (f"rps={result['rps']:.0f} p50_ms={result['p50_ms']:.1f} p90_ms={result['p90_ms']:.1f} "
+            f"p99_ms={result['p99_ms']:.1f} non_2xx={result['non_2xx']} errors={result['errors']}")
+
+
+def http_figures(tmp: Path, seconds: float, connections: list[int], modes: list[str]) -> dict:
+    figures = {}
+    canned_port_file = tmp / "canned.port"
+    canned = Process([sys.executable, str(BENCH / "ceiling.py"), "canned", str(canned_port_file)],
+                     f"file:{canned_port_file}", {SERVER_CPU}, tmp / "canned.log")
+    try:
+        result = drive(canned.port, 16, seconds, {CLIENT_CPU}, 30000)
+        say(f"client_capacity c=16 pinned {fmt(result)}  (bare socket server: the load generator's own limit)")
+    finally:
+        canned.stop()
+    for mode in modes:
+        server_cpus = {SERVER_CPU} if mode == "pinned" else None
+        client_cpus = {CLIENT_CPU} if mode == "pinned" else ALL_CPUS
+        for c in connections:
+            ini = write_ini(tmp, f"l-{mode}-{c}")
+            base = ceiling(ini, server_cpus)
+            try:
+                top = drive(base.port, c, seconds, client_cpus)
+            finally:
+                base.stop()
+            say(f"ceiling c={c} {mode} {fmt(top)}")
+            server = listener(ini, server_cpus)
+            try:
+                ours = drive(server.port, c, seconds, client_cpus)
+            finally:
+                server.stop()
+            with sqlite3.connect(ini.parent / f"l-{mode}-{c}.sqlite3") as conn:
+                stored = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            ratio = ours["rps"] / top["rps"] if top["rps"] else 0
+            figures[(mode, c)] = ratio
+            say(f"listener c={c} {mode} {fmt(ours)} acked={ours['ok']} stored={stored} "
+                f"ratio={ratio:.2f}")
+    return figures
+
+
+def prefill(db: Path, rows: int) -> None:
+    """``rows`` done events with realistic payloads, written straight to the file."""
+    import noyo_listener
+    store = noyo_listener.Store(str(db))
+    store.open()
+    store.close()
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA synchronous = OFF")
+    stamp = noyo_listener.utc_iso(time.time() - 3600)
+    batch = 50_000
+    for start in range(0, rows, batch):
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO events (event_id, type, data_id, created, received_at, payload, status, processed_at) "
+            "VALUES (?, 'difference.created', ?, 1, ?, ?, 'done', ?)",
+            ((eid, did, stamp, f'{{"data": {{"id": "{did}"}}, "event": {{"id": "{eid}", "created": 1, '
+              f'"type": "difference.created"}}}}', stamp)
+             for eid, did in ((str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(min(batch, rows - start)))))
+        conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def big_table_figure(tmp: Path, rows: int, seconds: float) -> None:
+    empty_ini = write_ini(tmp, "empty")
+    full_ini = write_ini(tmp, "full")
+    started = time.monotonic()
+    prefill(tmp / "full.sqlite3", rows)
+    say(f"prefill rows={rows} seconds={time.monotonic() - started:.0f}")
+    results = {}
+    for name, ini in (("empty", empty_ini), ("full", full_ini)):
+        server = listener(ini, {SERVER_CPU})
+        try:
+            results[name] = drive(server.port, 16, seconds, {CLIENT_CPU})
+        finally:
+            server.stop()
+        say(f"listener c=16 pinned table={name} rows_before={0 if name == 'empty' else rows} {fmt(results[name])}")
+    say(f"big_table_ratio={results['full']['rps'] / results['empty']['rps']:.2f} rows={rows} "
+        f"(acks/s with {rows} rows / acks/s with an empty table)")
+
+
+def rss_figure(tmp: Path, events: int) -> None:
+    ini = write_ini(tmp, "rss")
+    server = listener(ini, {SERVER_CPU})
+    try:
+        idle = server.rss_peak_kib()
+        requests = loadgen.build_requests(events)
+        os.sched_setaffinity(0, {CLIENT_CPU})
+        try:
+            result = loadgen.run(server.port, requests, 16, 600)
+        finally:
+            os.sched_setaffinity(0, ALL_CPUS)
+        peak = server.rss_peak_kib()
+    finally:
+        server.stop()
+    say(f"rss_peak_mib={peak / 1024:.1f} after_events={result['ok']} idle_mib={idle / 1024:.1f}")
+
+
+def drain_figures(tmp: Path, objects: int, latency: float) -> None:
+    from fake_noyo import FakeNoyo
+    for burst in (False, True):
+        for concurrency in (1, 4, 8):
+            fake = FakeNoyo().start()
+            fake.latency = latency
+            name = f"drain-{int(burst)}-{concurrency}"
+            ini = write_ini(tmp, name, log={"level": "WARNING"})
+            requests = loadgen.build_requests(objects * (3 if burst else 1), data_ids=objects)
+            for n in range(objects):
+                fake.put("difference", {"id": str(uuid.UUID(int=n)), "modified": 1})
+                fake.put("member_snapshot", {"id": str(uuid.UUID(int=n)), "modified": 1})
+            # Fill the inbox with fetching off, then time the drain alone.
+            server = listener(write_ini(tmp, name, log={"level": "INFO"}), None)
+            try:
+                loadgen.run(server.port, requests, 8, 600)
+            finally:
+                server.stop()
+            ini = write_ini(tmp, name, log={"level": "INFO"}, worker={"concurrency": concurrency}, noyo_api={
+                "client_id": fake.client_id, "client_secret": fake.client_secret,
+                "token_url": fake.url + "/auth/public/token", "tracking_url": fake.url, "fulfillment_url": fake.url})
+            db = tmp / f"{name}.sqlite3"
+            started = time.monotonic()
+            server = listener(ini, None)
+            try:
+                while True:
+                    with sqlite3.connect(db, timeout=10) as conn:
+                        left = conn.execute("SELECT COUNT(*) FROM events WHERE status = 'pending'").fetchone()[0]
+                    if not left:
+                        break
+                    time.sleep(0.05)
+                elapsed = time.monotonic() - started
+            finally:
+                server.stop()
+                fake.stop()
+            events = len(requests)
+            fetches = len(fake.object_requests())
+            say(f"worker_drain concurrency={concurrency} burst={'3-per-object' if burst else 'no'} "
+                f"api_latency_ms={latency * 1000:g} events={events} events_per_s={events / elapsed:.0f} "
+                f"fetches_per_s={fetches / elapsed:.0f} fetches_per_event={fetches / events:.2f} "
+                f"ideal_fetches_per_s={concurrency / latency:.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs, fewer figures (under 2 minutes)")
+    parser.add_argument("--seconds", type=float, help="length of each HTTP run")
+    args = parser.parse_args()
+    seconds = args.seconds or (3.0 if args.quick else 10.0)
+    say(machine())
+    with tempfile.TemporaryDirectory(prefix="noyo-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if args.quick:
+            drain_figures(tmp, 100, 0.02)
+            figures = http_figures(tmp, seconds, [64, 16], ["pinned"])
+        else:
+            drain_figures(tmp, 400, 0.02)
+            rss_figure(tmp, 100_000)
+            big_table_figure(tmp, 1_000_000, seconds)
+            figures = http_figures(tmp, seconds, [64, 16], ["unpinned", "pinned"])
+    say(f"ratio={figures[('pinned', 16)]:.2f} c=16")
+
+
+if __name__ == "__main__":
+    main()
