@@ -449,9 +449,9 @@ MIGRATIONS: list[str] = [
         processed_at    TEXT,
         lease_until     TEXT                   -- set while a fetch is in flight
     );
+    -- Every index costs each acknowledgement a b-tree update: only those the
+    -- daemon needs. Operators' ad-hoc queries by type or data_id scan.
     CREATE INDEX events_due ON events (next_attempt_at) WHERE status = 'pending';
-    CREATE INDEX events_object ON events (data_id, type);
-    CREATE INDEX events_type_status ON events (type, status);
     CREATE INDEX events_received ON events (received_at);
 
     CREATE TABLE deliveries (
@@ -465,7 +465,7 @@ MIGRATIONS: list[str] = [
         duplicate      INTEGER NOT NULL CHECK (duplicate IN (0, 1))
     );
     CREATE INDEX deliveries_event ON deliveries (event_id);
-    CREATE INDEX deliveries_received ON deliveries (received_at);
+    -- Deliveries are append-only: pruning walks them from the oldest rowid.
 
     CREATE TABLE differences (
         id                        TEXT PRIMARY KEY,
@@ -673,6 +673,7 @@ class Store:
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self._stopped = threading.Event()
         self.last_commit_error: str | None = None
 
     def open(self) -> None:
@@ -686,9 +687,27 @@ class Store:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
         except OSError as exc:
             raise StoreError(f"cannot open database {self.path}: {exc.strerror}") from None
+        # Checkpoints run on their own thread (PASSIVE: they never block the
+        # writer) instead of inside whichever commit crosses the WAL threshold.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         self._conn = conn
         self._writer = threading.Thread(target=self._run_writer, name="noyo-writer", daemon=True)
         self._writer.start()
+        self._checkpointer = threading.Thread(target=self._run_checkpointer, name="noyo-checkpoint", daemon=True)
+        self._checkpointer.start()
+
+    CHECKPOINT_EVERY = 1.0  # seconds
+
+    def _run_checkpointer(self) -> None:
+        conn = self.read()
+        try:
+            while not self._stopped.wait(self.CHECKPOINT_EVERY):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    logger.warning("WAL checkpoint failed error=%s", exc)
+        finally:
+            conn.close()
 
     def writer_alive(self) -> bool:
         return self._writer is not None and self._writer.is_alive()
@@ -744,6 +763,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self._stopped.set()
         if self._writer is not None:
             self._queue.put(_STOP)
             self._writer.join(timeout)
@@ -904,7 +924,7 @@ def _prune_batch(conn: sqlite3.Connection, cutoff: str, statuses: tuple[str, ...
         f"AND received_at < ? LIMIT {PRUNE_BATCH})", (*statuses, cutoff)).rowcount
     deliveries = conn.execute(
         f"DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE received_at < ? "
-        f"LIMIT {PRUNE_BATCH})", (cutoff,)).rowcount
+        f"ORDER BY id LIMIT {PRUNE_BATCH})", (cutoff,)).rowcount
     return events, deliveries
 
 
