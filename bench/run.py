@@ -29,6 +29,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 import loadgen  # noqa: E402
 
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -279,8 +280,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs, fewer figures (under 2 minutes)")
     parser.add_argument("--seconds", type=float, help="length of each HTTP run")
+    parser.add_argument("--parts", default="drain,rss,bigtable,http",
+                        help="comma-separated subset of: drain, rss, bigtable, http (default: all)")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 10.0)
+    parts = set(args.parts.split(","))
     say(machine())
     with tempfile.TemporaryDirectory(prefix="noyo-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -288,11 +292,15 @@ def main() -> None:
             drain_figures(tmp, 100, 0.02)
             figures = http_figures(tmp, seconds, [64, 16], ["pinned"])
         else:
-            drain_figures(tmp, 400, 0.02)
-            rss_figure(tmp, 100_000)
-            big_table_figure(tmp, 1_000_000, seconds)
-            figures = http_figures(tmp, seconds, [64, 16], ["unpinned", "pinned"])
-    say(f"ratio={figures[('pinned', 16)]:.2f} c=16")
+            if "drain" in parts:
+                drain_figures(tmp, 400, 0.02)
+            if "rss" in parts:
+                rss_figure(tmp, 100_000)
+            if "bigtable" in parts:
+                big_table_figure(tmp, 1_000_000, seconds)
+            figures = http_figures(tmp, seconds, [64, 16], ["unpinned", "pinned"]) if "http" in parts else {}
+    if ("pinned", 16) in figures:
+        say(f"ratio={figures[('pinned', 16)]:.2f} c=16")
 
 
 if __name__ == "__main__":
