@@ -62,7 +62,7 @@ def free_port() -> int:
 
 def write_ini(tmp: Path, name: str = "bench", **sections: dict) -> Path:
     base = {
-        "server": {"host": "127.0.0.1", "port": free_port(), "threads": 8},
+        "server": {"host": "127.0.0.1", "port": free_port(), "threads": 16},
         "webhook": {"secrets": f"bench:{loadgen.SECRET}"},
         "database": {"path": tmp / f"{name}.sqlite3", "synchronous": "FULL"},
         "log": {"level": "INFO"},
