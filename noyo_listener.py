@@ -2168,8 +2168,8 @@ def _finish_queued_requests_at_shutdown(dispatcher: Any, grace: float) -> None:
     On SystemExit waitress calls ``task_dispatcher.shutdown()``, which lets
     running tasks finish but cancels queued ones: their clients would get a
     closed connection. Wait (bounded) for the queue to drain first. Relies on
-    waitress internals (``queue``, ``active_count``, ``lock``); test_lifecycle
-    fails if they change.
+    waitress internals (``queue``, ``active_count``, ``lock``);
+    tests/test_waitress_internals.py fails if they change.
     """
     original = dispatcher.shutdown
 
@@ -2265,7 +2265,7 @@ class Service:
         them (with the listening socket closed: no new connections)."""
         server = self.server
         server.close()
-        channels = server._map  # waitress's socket map (guarded by test_lifecycle)
+        channels = server._map  # waitress internals: tests/test_waitress_internals.py
         deadline = time.monotonic() + self.SHUTDOWN_FLUSH
         while time.monotonic() < deadline and any(
                 getattr(channel, "total_outbufs_len", 0) for channel in list(channels.values())):
