@@ -1253,9 +1253,11 @@ class Receiver:
     def health_problems(self) -> list[str]:
         """Why the service is unhealthy (empty when a write commits and the worker progresses)."""
         problems = []
+        if not self.store.writer_alive():
+            problems.append("database writer thread is not running")
         # One health write at a time: probes against a stuck disk must not
         # pile up and take every HTTP thread.
-        if self._health_write.acquire(blocking=False):
+        elif self._health_write.acquire(blocking=False):
             try:
                 self.store.write(lambda conn: set_meta(conn, "healthz_at", utc_iso()),
                                  timeout=self.store.busy_timeout + 2)
@@ -1785,6 +1787,9 @@ class Worker:
     """
 
     MAX_SLEEP = 30.0  # also bounds how long a `requeue` from the CLI waits
+    # Due rows read per look: a wide window is what lets a burst's events for
+    # one object share a GET even when other objects' events sit between them
+    # (bench: 0.33 fetches per event; a 100-row window gave 1.00).
     SCAN_LIMIT = 2000
 
     def __init__(self, settings: Settings, store: Store, client: NoyoClient | None) -> None:
@@ -2422,7 +2427,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return service.run()
 
 
-def _raise_shutdown(signum: int, _frame: Any) -> None:
+def _raise_shutdown(_signum: int, _frame: Any) -> None:
     raise _Shutdown(0)
 
 
