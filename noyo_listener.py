@@ -674,9 +674,11 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._stopped = threading.Event()
+        self._checkpointer: threading.Thread | None = None
         self.last_commit_error: str | None = None
         self.commits = 0  # transactions committed, and the jobs they carried
         self.jobs_committed = 0
+        self._error_logged = 0.0
 
     def open(self) -> None:
         """Create or migrate the database and start the writer thread."""
@@ -766,6 +768,8 @@ class Store:
             return
         self._closed = True
         self._stopped.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout)
         if self._writer is not None:
             self._queue.put(_STOP)
             self._writer.join(timeout)
@@ -837,11 +841,13 @@ class Store:
                     self._commit([job])
                 return
             job = batch[0]
-            self.last_commit_error = str(exc)
-            if isinstance(exc, sqlite3.Error):
-                logger.error("database commit failed error=%s", exc)
-            else:
+            if not isinstance(exc, sqlite3.Error):
                 logger.exception("database write job failed")
+            elif str(exc) != self.last_commit_error or time.monotonic() - self._error_logged > 30:
+                # Each refused request logs its own line; this says why, once per cause and 30 s.
+                self._error_logged = time.monotonic()
+                logger.error("database commit failed error=%s", exc)
+            self.last_commit_error = str(exc)
             job.finish(error=exc)
             return
         self.commits += 1
