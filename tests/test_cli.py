@@ -120,3 +120,16 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     command = re.search(r"```sh\n([^\n]*-m pytest[^\n]*)\n```", readme).group(1)
     assert command in ci
+
+
+def test_serve_on_a_port_in_use_says_so_and_exits_1(make_ini):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ini = make_ini(server={"port": taken.getsockname()[1]})
+        result = run_cli("--config", str(ini), "serve")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "cannot listen on 127.0.0.1" in last and "Address already in use" in last
+    assert "Traceback" not in result.stderr
