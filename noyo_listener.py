@@ -2456,11 +2456,17 @@ def _warn_about_development_secret(settings: Settings) -> None:
                 "events. Set [webhook] secrets (or NOYO_WEBHOOK_SECRETS) to your Noyo subscription secret !!!", name)
 
 
-def gather_status(settings: Settings) -> dict:
-    """What `status` shows, read straight from the database (no daemon needed)."""
+def existing_database(settings: Settings) -> str:
+    """The database path, which must exist already (only `serve` creates it)."""
     path = settings["database"]["path"]
     if not os.path.exists(path):
         raise StoreError(f"no database at {path} yet; start `serve` first")
+    return path
+
+
+def gather_status(settings: Settings) -> dict:
+    """What `status` shows, read straight from the database (no daemon needed)."""
+    path = existing_database(settings)
     try:
         conn = connect(path, busy_timeout=settings["database"]["busy_timeout"], mode="readonly")
     except sqlite3.Error as exc:
@@ -2520,9 +2526,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_requeue(args: argparse.Namespace) -> int:
     """Put events back to pending with a fresh attempt budget."""
     settings = load_settings(_config_path(args))
-    path = settings["database"]["path"]
-    if not os.path.exists(path):
-        raise StoreError(f"no database at {path}")
+    path = existing_database(settings)
     if args.dead:
         where, params = "status = 'dead'", []
     elif args.type:
@@ -2545,10 +2549,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def _open_store(settings: Settings) -> Store:
-    path = settings["database"]["path"]
-    if not os.path.exists(path):
-        raise StoreError(f"no database at {path}")
-    store = Store(path, settings["database"]["synchronous"], settings["database"]["busy_timeout"])
+    store = Store(existing_database(settings), settings["database"]["synchronous"], settings["database"]["busy_timeout"])
     store.open()
     return store
 
@@ -2570,9 +2571,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     """Copy the database with SQLite's online backup API (consistent while serving)."""
     settings = load_settings(_config_path(args))
-    path = settings["database"]["path"]
-    if not os.path.exists(path):
-        raise StoreError(f"no database at {path}")
+    path = existing_database(settings)
     try:
         fd = os.open(args.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds member data
     except FileExistsError:
