@@ -702,14 +702,19 @@ class Store:
 
     CHECKPOINT_EVERY = 1.0  # seconds
 
+    @staticmethod
+    def _checkpoint(conn: sqlite3.Connection, mode: str) -> None:
+        """PASSIVE copies what it can without waiting; TRUNCATE also empties the WAL file."""
+        try:
+            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+        except sqlite3.Error as exc:
+            logger.warning("WAL checkpoint failed mode=%s error=%s", mode, exc)
+
     def _run_checkpointer(self) -> None:
         conn = self.read()
         try:
             while not self._stopped.wait(self.CHECKPOINT_EVERY):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:
-                    logger.warning("WAL checkpoint failed error=%s", exc)
+                self._checkpoint(conn, "PASSIVE")
         finally:
             conn.close()
 
@@ -752,9 +757,7 @@ class Store:
         """Copy the WAL into the database and truncate it (cannot run inside a transaction)."""
         conn = self.read()
         try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.Error as exc:
-            logger.warning("WAL checkpoint failed error=%s", exc)
+            self._checkpoint(conn, "TRUNCATE")
         finally:
             conn.close()
 
@@ -780,10 +783,7 @@ class Store:
             logger.info("database writer stopped commits=%d writes=%d writes_per_commit=%.1f",
                         self.commits, self.jobs_committed, self.jobs_committed / self.commits)
         if self._conn is not None:
-            try:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                logger.warning("WAL checkpoint at close failed error=%s", exc)
+            self._checkpoint(self._conn, "TRUNCATE")
             self._conn.close()
             self._conn = None
 
