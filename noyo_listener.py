@@ -85,7 +85,7 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     if seconds == 0:
-        return "0"
+        return "0s"
     return f"{seconds * 1000:.3f}".rstrip("0").rstrip(".") + "ms"
 
 
