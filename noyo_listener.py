@@ -424,7 +424,10 @@ def utc_iso(timestamp: float | None = None) -> str:
 
 def parse_utc_iso(text: str) -> float:
     """Seconds since the epoch of an ISO 8601 timestamp (naive means UTC)."""
-    parsed = dt.datetime.fromisoformat(text.strip())
+    text = text.strip()
+    if text[-1:] in ("Z", "z"):  # fromisoformat reads "Z" only from Python 3.11 on
+        text = text[:-1] + "+00:00"
+    parsed = dt.datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.timezone.utc)
     return parsed.timestamp()
