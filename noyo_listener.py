@@ -29,6 +29,7 @@ import hmac
 import http.client
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -1121,6 +1122,25 @@ class ParsedEvent:
     payload: str
 
 
+_SQLITE_INTEGER = range(-(2**63), 2**63)
+
+
+def _unix_seconds(value: Any) -> int | float | None:
+    """``event.created`` if it can be a column value: a number SQLite can hold.
+
+    Anything else (text, a bool, infinity, an int beyond 64 bits) is left in
+    the payload only; an unstorable value must not make the commit fail, or
+    the event would get a 503 on every retry.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value in _SQLITE_INTEGER else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return None
+
+
 def parse_event(body: bytes, fetch_kinds: Iterable[str]) -> ParsedEvent:
     """Decode an authentic body; raise BadEvent if it is not a UTF-8 JSON object.
 
@@ -1143,9 +1163,7 @@ def parse_event(body: bytes, fetch_kinds: Iterable[str]) -> ParsedEvent:
     event_type = event.get("type") if isinstance(event.get("type"), str) else ""
     data_id = data.get("id")
     data_id = str(data_id) if isinstance(data_id, (str, int)) and not isinstance(data_id, bool) and str(data_id) else None
-    created = event.get("created")
-    if not isinstance(created, (int, float)) or isinstance(created, bool):
-        created = None
+    created = _unix_seconds(event.get("created"))
 
     kind = event_type.split(".", 1)[0]
     if kind == "test" or kind not in fetch_kinds:

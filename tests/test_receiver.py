@@ -83,6 +83,18 @@ def test_fetchable_event_without_data_id_is_kept_as_dead_with_a_reason(listener)
     assert status == "dead" and "data.id" in error
 
 
+@pytest.mark.parametrize("created", [10**30, -(10**30), 1e400, "yesterday", True])
+def test_an_unusable_event_created_is_kept_in_the_payload_not_in_the_column(listener, created):
+    """SQLite INTEGER is 64-bit: a bigger number must not turn an authentic event into a 503 forever."""
+    body = json.dumps({"data": {"id": "d"}, "event": {"id": "odd-created", "created": created,
+                                                      "type": "difference.created"}}).encode()
+    assert listener.send(body) == (200, {"ok": True})
+    with listener.db() as conn:
+        stored_created, payload = conn.execute("SELECT created, payload FROM events").fetchone()
+    assert stored_created is None and payload == body.decode()
+    assert "Traceback" not in listener.log()
+
+
 def test_event_without_event_id_is_stored_under_a_body_hash_and_deduplicated(listener):
     body = json.dumps({"data": {"id": "d1"}, "event": {"type": "difference.created"}}).encode()
     assert listener.send(body) == (200, {"ok": True})
