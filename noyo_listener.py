@@ -195,7 +195,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
         "busy_timeout": (_duration_at_least(0.001), "5s", False),
     },
     "noyo_api": {
-        "client_id": (_optional, "", True),
+        "client_id": (_optional, "", False),  # an identifier; may come from env/credentials all the same
         "client_secret": (_optional, "", True),
         "token_url": (_http_url, "https://accounts.noyo.com/auth/public/token", False),
         "tracking_url": (_http_url, "https://tracking.noyo.com", False),
@@ -330,28 +330,31 @@ def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
                 shown = "" if is_secret else f" (got {text!r})"
                 raise ConfigError(f"[{section}] {key}: {exc}{shown}") from None
 
-    fetch = dict(DEFAULT_FETCH)
-    if parser.has_section("fetch"):
-        for kind, template in parser["fetch"].items():
-            template = template.strip()
-            if not template:
-                fetch.pop(kind, None)  # an empty entry turns the kind off
-                continue
-            try:
-                url = template.format(**_FETCH_PLACEHOLDERS)
-            except (KeyError, IndexError, ValueError):
-                raise ConfigError(
-                    f"[fetch] {kind}: only {{id}}, {{tracking_url}} and {{fulfillment_url}} "
-                    f"may appear in the template (got {template!r})"
-                ) from None
-            if "{id}" not in template:
-                raise ConfigError(f"[fetch] {kind}: the template must contain {{id}} (got {template!r})")
-            fetch[kind] = template
-            del url
-
+    fetch = _fetch_templates(parser["fetch"] if parser.has_section("fetch") else {})
     settings = Settings(values=values, fetch=fetch, sources=sources, config_path=path)
     _validate_together(settings)
     return settings
+
+
+def _fetch_templates(entries: Any) -> dict[str, str]:
+    """[fetch] laid over the defaults; an empty entry turns a kind off."""
+    fetch = dict(DEFAULT_FETCH)
+    for kind, template in entries.items():
+        template = template.strip()
+        if not template:
+            fetch.pop(kind, None)
+            continue
+        try:
+            template.format(**_FETCH_PLACEHOLDERS)
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(
+                f"[fetch] {kind}: only {{id}}, {{tracking_url}} and {{fulfillment_url}} "
+                f"may appear in the template (got {template!r})"
+            ) from None
+        if "{id}" not in template:
+            raise ConfigError(f"[fetch] {kind}: the template must contain {{id}} (got {template!r})")
+        fetch[kind] = template
+    return fetch
 
 
 def _validate_together(settings: Settings) -> None:
@@ -384,7 +387,7 @@ def mask_secret(secret: str) -> str:
 
 
 def describe_settings(settings: Settings) -> list[str]:
-    """The effective settings as ini lines, secrets masked (for check-config and the log)."""
+    """The effective settings as ini lines, secrets masked (for check-config)."""
     lines = [f"# effective settings of {settings.config_path}"]
     for section, keys in _SCHEMA.items():
         lines.append(f"[{section}]")
@@ -392,10 +395,10 @@ def describe_settings(settings: Settings) -> list[str]:
             value = settings[section][key]
             if key == "secrets":
                 shown = ", ".join(f"{name}:{mask_secret(secret)}" for name, secret in value)
-            elif key == "client_id":
-                shown = value or "(not set)"  # an identifier, not a secret
             elif is_secret:
                 shown = mask_secret(value)
+            elif value == "":
+                shown = "(not set)"
             elif isinstance(value, float):
                 shown = format_duration(value)
             else:
@@ -972,6 +975,7 @@ class InstanceLock:
     """One `serve` per database: a second one would race the first's worker."""
 
     def __init__(self, db_path: str) -> None:
+        self.db_path = db_path
         self.path = db_path + ".lock"
         self._fd: int | None = None
 
@@ -987,10 +991,10 @@ class InstanceLock:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 raise StoreError(
-                    f"another noyo-listener is already serving {os.path.abspath(self.path[:-5])} "
+                    f"another noyo-listener is already serving {os.path.abspath(self.db_path)} "
                     f"(lock {self.path} is held); stop it first"
                 ) from None
-            raise
+            raise StoreError(f"cannot lock {self.path}: {exc.strerror}") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -1039,7 +1043,7 @@ class SignatureVerifier:
         for form in self._forms:
             if form == FORM_TIMESTAMP_BODY and timestamp is None:
                 continue
-            message = timestamp.encode("latin-1", "replace") + b"." + body if form == FORM_TIMESTAMP_BODY else body
+            message = signed_message(body, timestamp if form == FORM_TIMESTAMP_BODY else None)
             for name, key in self._keys:
                 expected = hmac.digest(key, message, "sha256").hex().encode("ascii")
                 matched = False
@@ -1060,10 +1064,15 @@ def parse_signature_header(header: str | None) -> list[bytes]:
     return [entry.encode("latin-1", "replace") for entry in entries if entry][:MAX_SIGNATURES]
 
 
+def signed_message(body: bytes, timestamp: str | None = None) -> bytes:
+    """What Noyo signs: ``<timestamp>.<body>``, or the body alone."""
+    # Header values arrive latin-1 decoded (WSGI); encoding back gives the bytes sent.
+    return body if timestamp is None else timestamp.encode("latin-1", "replace") + b"." + body
+
+
 def sign(secret: str, body: bytes, timestamp: str | None = None) -> str:
-    """Noyo's signature: hex HMAC-SHA256 of ``<timestamp>.<body>`` (or of the body)."""
-    message = body if timestamp is None else timestamp.encode("latin-1") + b"." + body
-    return hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+    """Noyo's signature: hex HMAC-SHA256 of ``signed_message(body, timestamp)``."""
+    return hmac.digest(secret.encode("utf-8"), signed_message(body, timestamp), "sha256").hex()
 
 
 def check_timestamp(header: str | None, now: float, max_age: float, max_skew: float) -> str | None:
@@ -1122,6 +1131,22 @@ class ParsedEvent:
     payload: str
 
 
+def event_kind(event_type: str) -> str:
+    """``difference`` for ``difference.created``: what [fetch] is keyed by."""
+    return event_type.split(".", 1)[0]
+
+
+def disposition(kind: str, data_id: str | None, fetch_kinds: Iterable[str]) -> tuple[str, str | None]:
+    """``(status, last_error)`` an event of ``kind`` deserves: ``pending`` if
+    there is something to fetch, else ``ignored`` or ``dead`` (with why).
+    Decided at arrival, and again by the worker in case [fetch] changed."""
+    if kind == "test" or kind not in fetch_kinds:
+        return "ignored", None
+    if data_id is None:
+        return "dead", "event has no data.id, so there is nothing to fetch"
+    return "pending", None
+
+
 _SQLITE_INTEGER = range(-(2**63), 2**63)
 
 
@@ -1165,13 +1190,7 @@ def parse_event(body: bytes, fetch_kinds: Iterable[str]) -> ParsedEvent:
     data_id = str(data_id) if isinstance(data_id, (str, int)) and not isinstance(data_id, bool) and str(data_id) else None
     created = _unix_seconds(event.get("created"))
 
-    kind = event_type.split(".", 1)[0]
-    if kind == "test" or kind not in fetch_kinds:
-        status, last_error = "ignored", None
-    elif data_id is None:
-        status, last_error = "dead", "event has no data.id, so there is nothing to fetch"
-    else:
-        status, last_error = "pending", None
+    status, last_error = disposition(event_kind(event_type), data_id, fetch_kinds)
     return ParsedEvent(event_id, event_type, data_id, created, status, last_error, text)
 
 
@@ -1219,11 +1238,12 @@ class Receiver:
         return bottle.HTTPResponse(body=body, status=status, headers=_JSON)
 
     @staticmethod
-    def _log_request(level: int, environ: dict, status: int, started: float, details: str) -> None:
+    def _log_request(level: int, environ: dict, status: int, started: float | None, details: str) -> None:
         """The one line each request gets: never a payload, never a secret."""
-        logger.log(level, "request method=%s path=%s status=%d ms=%.1f %s remote=%s",
-                   environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status,
-                   (time.perf_counter() - started) * 1000, details, environ.get("REMOTE_ADDR", "-"))
+        elapsed = f"{(time.perf_counter() - started) * 1000:.1f}" if started is not None else "-"
+        logger.log(level, "request method=%s path=%s status=%d ms=%s %s remote=%s",
+                   environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status, elapsed, details,
+                   environ.get("REMOTE_ADDR", "-"))
 
     def _reject(self, status: int, reason: str, environ: dict, started: float, message: str) -> bottle.HTTPResponse:
         self._log_request(logging.WARNING, environ, status, started,
@@ -1314,11 +1334,10 @@ class Receiver:
     def _error_page(self, error: bottle.HTTPError) -> bytes:
         environ = bottle.request.environ
         if error.status_code == 500:
-            logger.error("internal error method=%s path=%s error=%r", environ.get("REQUEST_METHOD"),
-                         environ.get("PATH_INFO"), error.exception)
+            self._log_request(logging.ERROR, environ, 500, None, f"error={error.exception!r}")
         else:
-            logger.info("request method=%s path=%s status=%d remote=%s", environ.get("REQUEST_METHOD"),
-                        environ.get("PATH_INFO"), error.status_code, environ.get("REMOTE_ADDR", "-"))
+            reason = "_".join(error.status_line.split(" ", 1)[1].lower().split())  # not_found, method_not_allowed
+            self._log_request(logging.INFO, environ, error.status_code, None, f"reason={reason}")
         bottle.response.content_type = "application/json"
         return _json_error(error.status_line.split(" ", 1)[1].lower())
 
@@ -1943,7 +1962,7 @@ class Worker:
                 "SELECT event_id, type, data_id, attempts FROM events "
                 "WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
                 (now_iso, self.SCAN_LIMIT)):
-            key = (event_type.split(".", 1)[0], data_id)
+            key = (event_kind(event_type), data_id)
             if key in busy:
                 continue  # its fetch may predate this event: fetch again once it is back
             claim = claims.get(key)
@@ -1959,17 +1978,15 @@ class Worker:
         return max(0.0, parse_utc_iso(row[0]) - time.time()) if row[0] else self.MAX_SLEEP
 
     def _claim_and_hand_out(self, claims: list[_Claim], now: float) -> None:
-        fetchable, unfetchable = [], []
+        fetchable, settled = [], []
         for claim in claims:
-            url = self.settings.fetch_url(claim.kind, claim.data_id) if claim.data_id else None
-            (fetchable if url else unfetchable).append((claim, url))
+            status, last_error = disposition(claim.kind, claim.data_id, self.settings.fetch)
+            if status == "pending":
+                fetchable.append((claim, self.settings.fetch_url(claim.kind, claim.data_id)))
+            else:
+                settled.extend((status, last_error, utc_iso(now), event_id) for event_id, _ in claim.events)
         lease_iso = utc_iso(now + self.lease)
         leased = [(lease_iso, lease_iso, event_id) for claim, _ in fetchable for event_id, _ in claim.events]
-        settled = [(
-            "ignored" if claim.data_id else "dead",
-            None if claim.data_id else "event has no data.id, so there is nothing to fetch",
-            utc_iso(now), event_id,
-        ) for claim, _ in unfetchable for event_id, _ in claim.events]
 
         def claim_rows(conn: sqlite3.Connection) -> None:
             conn.executemany("UPDATE events SET attempts = attempts + 1, lease_until = ?, next_attempt_at = ? "
