@@ -1679,9 +1679,15 @@ _UPSERT_DIFFERENCE = (
 
 
 def _scalar(value: Any) -> Any:
-    """A JSON value fit for a typed column (objects and lists become JSON text)."""
+    """A JSON value fit for a typed column: objects and lists become JSON text,
+    a number SQLite cannot hold becomes text (or NULL for infinity), so no
+    answer from the API can make recording it fail."""
     if isinstance(value, (dict, list)):
         return json.dumps(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _SQLITE_INTEGER:
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 
@@ -2046,9 +2052,9 @@ class Worker:
                              [(fetched_at, event_id) for event_id in event_ids])
             set_meta(conn, "last_fetch_ok_at", fetched_at)
 
-        self._write_outcome(record)
-        logger.info("object fetched kind=%s id=%s events=%d ms=%d", claim.kind, claim.data_id,
-                    len(event_ids), (time.monotonic() - started) * 1000)
+        if self._write_outcome(record):
+            logger.info("object fetched kind=%s id=%s events=%d ms=%.1f", claim.kind, claim.data_id,
+                        len(event_ids), (time.monotonic() - started) * 1000)
 
     def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Exponential backoff with full jitter, at least ``Retry-After``."""
@@ -2073,18 +2079,22 @@ class Worker:
             conn.executemany("UPDATE events SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
                              "lease_until = NULL WHERE event_id = ? AND status = 'pending'", updates)
 
-        self._write_outcome(record)
+        if not self._write_outcome(record):
+            return
         dead = sum(1 for u in updates if u[0] == "dead")
         log = logger.error if dead else logger.warning
         log("fetch failed kind=%s id=%s events=%d dead=%d error=%s", claim.kind, claim.data_id,
             len(updates), dead, message)
 
-    def _write_outcome(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+    def _write_outcome(self, fn: Callable[[sqlite3.Connection], None]) -> bool:
+        """Commit a fetch's outcome; False (and one log line) if it could not be."""
         try:
             self.store.write(fn)
         except StoreError as exc:
             # The lease returns these events; they are fetched again later.
             logger.error("worker cannot record a fetch outcome error=%s", exc)
+            return False
+        return True
 
     def _publish_state(self, force: bool = False) -> None:
         """Tell `status` (another process) what the API state is."""

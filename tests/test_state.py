@@ -110,3 +110,19 @@ def test_any_order_of_events_and_fetches_ends_in_the_same_row(versions, events, 
     assert first["state"] == difference_state(newest, replaced)
     assert first["last_event_type"] == max(events, key=lambda e: noyo_listener.event_order(e[1], e[0]))[0]
     assert first["replaced_by"] == ("d2" if replaced else None)
+
+
+def test_a_fetched_object_with_numbers_sqlite_cannot_hold_is_still_recorded():
+    """Never trust the API's shapes: an out-of-range value must not make the record fail forever."""
+    conn = fresh_db()
+    conn.execute("INSERT INTO events (event_id, type, data_id, received_at, payload, status) "
+                 "VALUES ('e', 'difference.created', 'd', 'now', '{}', 'pending')")
+    obj = {"id": "d", "modified": 2**70, "version": float("inf"), "resolved": None, "group_id": 10**30}
+    noyo_listener.apply_difference(conn, obj, json.dumps(obj), ["e"], "t")
+    noyo_listener.apply_resource(conn, "group", {"id": "g", "modified": -(2**64)}, "{}", "t")
+    modified, version, group_id, body = conn.execute(
+        "SELECT modified, version, group_id, body FROM differences").fetchone()
+    # INTEGER affinity keeps a too-large number as REAL; the exact value is in body.
+    assert float(modified) == float(2**70) and version is None and group_id == str(10**30)
+    assert json.loads(body)["modified"] == 2**70
+    assert float(conn.execute("SELECT modified FROM resources").fetchone()[0]) == float(-(2**64))
