@@ -139,10 +139,17 @@ def _url_path(text: str) -> str:
     return text
 
 
+def is_http_url(text: str) -> bool:
+    try:
+        parsed = urllib.parse.urlsplit(text)
+    except ValueError:  # e.g. an unclosed [IPv6 bracket
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
+
+
 def _http_url(text: str) -> str:
     text = text.strip().rstrip("/")
-    parsed = urllib.parse.urlsplit(text)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    if not is_http_url(text):
         raise ValueError("must be an http:// or https:// URL")
     return text
 
@@ -2689,11 +2696,17 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         status, answer = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        print(f"Error: cannot reach {args.url}: {reason}. Is `serve` running there?", file=sys.stderr)
+        print(f"noyo-listener: error: cannot reach {args.url}: {reason}; is `serve` running there?", file=sys.stderr)
         return 1
     print(f"sent event_id={json.loads(body)['event']['id']} type={args.type}")
     print(f"HTTP {status} {answer.decode('utf-8', 'replace').strip()}")
     return 0 if status == 200 else 1
+
+
+def _url_argument(text: str) -> str:
+    if not is_http_url(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2713,7 +2726,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     send = commands.add_parser("send-test", help="sign and POST a test event as Noyo does")
-    send.add_argument("url", metavar="URL", help="e.g. http://127.0.0.1:8080/noyo/webhooks")
+    send.add_argument("url", metavar="URL", type=_url_argument, help="e.g. http://127.0.0.1:8080/noyo/webhooks")
     send.add_argument("--secret", help="webhook secret (default: the first one in the config)")
     send.add_argument("--type", default="test.hello_world", help="event type (default: test.hello_world)")
     send.add_argument("--data-id", help="data.id of the event (default: a new uuid; none for test.hello_world)")

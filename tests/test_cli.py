@@ -133,3 +133,10 @@ def test_serve_on_a_port_in_use_says_so_and_exits_1(make_ini):
     last = result.stderr.strip().splitlines()[-1]
     assert "cannot listen on 127.0.0.1" in last and "Address already in use" in last
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://[::1", "ftp://127.0.0.1/x"])
+def test_send_test_refuses_a_malformed_url_without_a_traceback(url):
+    result = run_cli("send-test", url, "--secret", "x")
+    assert result.returncode == 2
+    assert "is not an http:// or https:// URL" in result.stderr and "Traceback" not in result.stderr
