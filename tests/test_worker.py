@@ -152,8 +152,16 @@ def test_a_duplicated_event_is_fetched_once(fetching, fake_noyo):
     listener.send(body)
     wait_all_done(listener)
     assert listener.send(body)[1] == {"ok": True, "duplicate": True}
-    listener.send(event_body("test.hello_world"))  # the worker has been through the inbox again
-    assert len(fake_noyo.object_requests()) == 1
+    # A later event for another object, fetched and done, proves the worker has
+    # looked at the inbox since the duplicate arrived.
+    fake_noyo.put("difference", difference("d-later"))
+    listener.send(event_body("difference.created", data_id="d-later"))
+    wait_all_done(listener)
+    assert [r.path for r in fake_noyo.object_requests()] == [
+        "/api/v1/differences/d-d", "/api/v1/differences/d-later"]
+    with listener.db() as conn:
+        assert tuple(conn.execute("SELECT status, delivery_count FROM events WHERE data_id = 'd-d'").fetchone()) \
+            == ("done", 2)
 
 
 def test_a_burst_for_one_object_is_served_by_two_gets_not_three(fetching, fake_noyo):
