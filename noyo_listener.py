@@ -2390,8 +2390,11 @@ class Service:
         except ConfigError as exc:
             logger.error("reload failed, keeping the running settings: %s", exc)
             return
-        values = {**self.settings.values, "webhook": new["webhook"], "log": new["log"]}
-        self.settings = dataclasses.replace(self.settings, values=values, sources=new.sources)
+        reloaded = ("webhook", "log")  # the rest takes effect at restart
+        values = {**self.settings.values, **{section: new[section] for section in reloaded}}
+        sources = {**{k: v for k, v in self.settings.sources.items() if k[0] not in reloaded},
+                   **{k: v for k, v in new.sources.items() if k[0] in reloaded}}
+        self.settings = dataclasses.replace(self.settings, values=values, sources=sources)
         self.receiver.policy = RequestPolicy.from_settings(self.settings)
         logging.getLogger().setLevel(new["log"]["level"])
         restart_needed = [s for s in ("server", "database", "noyo_api", "worker")
