@@ -425,12 +425,21 @@ class StoreError(Exception):
     """The database could not commit a write; the caller must not acknowledge."""
 
 
+_iso_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
 def utc_iso(timestamp: float | None = None) -> str:
     """UTC ISO 8601 text with milliseconds, as every timestamp this program writes."""
+    global _iso_second
     if timestamp is None:
         timestamp = time.time()
     whole = int(timestamp)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % int((timestamp - whole) * 1000)
+    second, text = _iso_second  # one tuple: threads never see half an update
+    if second != whole:
+        # strftime is most of this function's cost, and every ack calls it.
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _iso_second = (whole, text)
+    return f"{text}.{int((timestamp - whole) * 1000):03d}Z"
 
 
 def parse_utc_iso(text: str) -> float:
@@ -538,6 +547,14 @@ MIGRATIONS: list[str] = [
                d.signature_form
         FROM deliveries d JOIN events e USING (event_id) WHERE e.delivery_count > 1
         ORDER BY d.event_id, d.received_at;
+    """,
+    """
+    -- deliveries_event put each acknowledgement's random event id into a
+    -- second b-tree: a third of the pages every commit wrote to the WAL
+    -- (bench/run.py). Only operators' ad-hoc queries used it; the daemon
+    -- looks deliveries up by rowid and age, and repeated_deliveries joins
+    -- through the events primary key.
+    DROP INDEX IF EXISTS deliveries_event;
     """,
 ]
 
@@ -889,7 +906,7 @@ _INSERT_DELIVERY = """
 """
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class Delivery:
     """How one authentic POST arrived (a row of ``deliveries``)."""
 
@@ -1020,7 +1037,7 @@ FORM_BODY = "body"
 MAX_SIGNATURES = 16  # more entries in one header are ignored (bounded work)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class SignatureMatch:
     secret_name: str
     form: str
@@ -1125,7 +1142,7 @@ class BadEvent(ValueError):
     """An authentic body that cannot be an event (answer 400)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class ParsedEvent:
     """What the ``events`` row needs from an authentic body."""
 
@@ -2427,12 +2444,39 @@ class _Shutdown(SystemExit):
 _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
-class _JournalFormatter(logging.Formatter):
-    """Under systemd: no timestamp (the journal adds one), a ``<N>`` priority
-    prefix so that ``journalctl -p warning`` works."""
+class _LineFormatter(logging.Formatter):
+    """``<time> LEVEL message``; under systemd ``<N>LEVEL message`` instead: the
+    journal adds the time, and the ``<N>`` priority makes ``journalctl -p
+    warning`` work.
+
+    Every acknowledgement logs a line, so this is on the hot path: the clock
+    text is formatted once per second, not per line as the stock Formatter's
+    strftime does.
+    """
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__()
+        self.journal = journal
+        self._second: tuple[int, str] = (-1, "")
+
+    def _clock(self, created: float) -> str:
+        whole = int(created)
+        second, text = self._second  # one tuple: threads never see half an update
+        if second != whole:
+            text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(whole))
+            self._second = (whole, text)
+        return f"{text},{int((created - whole) * 1000):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{_PRIORITIES.get(record.levelno, 6)}>" + super().format(record)
+        if self.journal:
+            line = f"<{_PRIORITIES.get(record.levelno, 6)}>{record.levelname} {record.getMessage()}"
+        else:
+            line = f"{self._clock(record.created)} {record.levelname} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
 
 
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:
@@ -2447,10 +2491,7 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournalFormatter("%(levelname)s %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(_LineFormatter(journal=bool(os.environ.get("JOURNAL_STREAM"))))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

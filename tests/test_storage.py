@@ -56,6 +56,25 @@ def test_migrations_run_once_and_a_newer_schema_is_refused(tmp_path):
         noyo_listener.migrate(conn, path)
 
 
+def test_a_version_2_database_keeps_its_rows_and_loses_the_deliveries_index(tmp_path):
+    path = str(tmp_path / "v2.sqlite3")
+    conn = noyo_listener.connect(path)
+    for version, script in enumerate(noyo_listener.MIGRATIONS[:2], start=1):
+        for statement in noyo_listener._split_sql(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.execute("INSERT INTO events (event_id, type, received_at, payload, status, delivery_count) "
+                 "VALUES ('e1', 'difference.created', 'now', '{}', 'ignored', 2)")
+    conn.executemany("INSERT INTO deliveries (event_id, received_at, secret_name, signature_form, duplicate) "
+                     "VALUES ('e1', 'now', 's', 'body', ?)", [(0,), (1,)])
+    assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'deliveries_event'").fetchone()[0] == 1
+
+    assert noyo_listener.migrate(conn, path) == 2
+
+    assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'deliveries_event'").fetchone()[0] == 0
+    assert [r[0] for r in conn.execute("SELECT event_id FROM repeated_deliveries")] == ["e1", "e1"]
+
+
 def hold_write_lock(listener) -> sqlite3.Connection:
     """Another process's writer (a backup, an operator's sqlite3) holding the lock."""
     conn = listener.db()
