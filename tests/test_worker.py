@@ -314,6 +314,29 @@ def test_a_failing_api_sees_probes_not_a_flood_and_recovery_is_immediate(fetchin
         assert conn.execute("SELECT COUNT(*) FROM differences").fetchone()[0] == events
 
 
+def test_a_claim_queued_when_fetching_pauses_is_given_back_unfetched(fetching, fake_noyo):
+    # One fetch thread, so a second claim waits in its queue while the first
+    # GET is held. That GET is refused (403: fetching pauses); the queued
+    # claim must then not be asked for, and must keep its attempt.
+    for n in range(2):
+        fake_noyo.put("difference", difference(f"d-{n}"))
+    fake_noyo.add_fault(Fault("status", times=10**6, status=403))
+    fake_noyo.hold()
+    listener = fetching(concurrency=1)
+    for n in range(2):
+        listener.send(event_body("difference.created", data_id=f"d-{n}", event_id=f"e-{n}"))
+    wait_until(lambda: all(event_row(listener, f"e-{n}")["lease_until"] for n in range(2)),
+               message="both claimed: one GET in flight, one queued")
+    fake_noyo.release()
+    wait_until(lambda: not any(event_row(listener, f"e-{n}")["lease_until"] for n in range(2)),
+               message="both claims settled")
+
+    assert len(fake_noyo.object_requests()) == 1
+    rows = [event_row(listener, f"e-{n}") for n in range(2)]
+    assert [(r["status"], r["attempts"]) for r in rows] == [("pending", 0), ("pending", 0)]
+    assert all(r["next_attempt_at"] > r["received_at"] for r in rows)  # when the pause ends
+
+
 def test_without_credentials_events_wait_and_nothing_is_fetched(start_listener, fake_noyo):
     listener = start_listener()  # no [noyo_api] client_id
     listener.send(event_body("difference.created", event_id="waits"))
