@@ -33,6 +33,11 @@ sys.path.insert(0, str(ROOT))
 import loadgen  # noqa: E402
 
 SERVER_CPU, CLIENT_CPU = 0, 1
+# Servers run under the default scheduler policy, as the systemd unit leaves
+# it; --policy batch runs both under SCHED_BATCH (see README: it speeds the
+# ceiling up, not the listener).
+POLICIES = {"other": [], "batch": ["chrt", "--batch", "0"]}
+server_policy = "other"
 ALL_CPUS = set(range(os.cpu_count() or 1))
 
 
@@ -79,6 +84,7 @@ class Process:
 
     def __init__(self, argv: list[str], port_from: str, cpus: set[int] | None, log: Path) -> None:
         prefix = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+        prefix += POLICIES[server_policy]
         self.log = log
         self.proc = subprocess.Popen(prefix + argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -308,12 +314,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs, fewer figures (under 2 minutes)")
     parser.add_argument("--seconds", type=float, help="length of each HTTP run")
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="other",
+                        help="both servers' scheduling policy (default: other, the kernel's and the unit's)")
     parser.add_argument("--parts", default="drain,rss,bigtable,http",
                         help="comma-separated subset of: drain, rss, bigtable, http (default: all)")
     args = parser.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     parts = set(args.parts.split(","))
-    say(machine())
+    global server_policy
+    server_policy = args.policy
+    say(machine() + f" server_policy={server_policy}")
     with tempfile.TemporaryDirectory(prefix="noyo-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if args.quick:
