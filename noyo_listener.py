@@ -1959,6 +1959,8 @@ class Worker:
         """Why the worker is not making progress, or None (for /healthz and the watchdog)."""
         if not self.alive():
             return "worker thread is not running"
+        if self._recorder is not None and not self._recorder.is_alive():
+            return "worker recorder thread is not running"
         now = time.monotonic()
         idle = now - self.last_progress
         if idle > self.MAX_SLEEP + 30:
@@ -2107,6 +2109,8 @@ class Worker:
                     logger.error("worker cannot record a fetch outcome error=%s", job.error)
                 elif line:
                     logger.log(*line)
+            except Exception:  # noqa: BLE001 - the recorder must outlive one bad line
+                logger.exception("worker recorder failed kind=%s id=%s", claim.kind, claim.data_id)
             finally:
                 self._release(claim)
 
