@@ -425,21 +425,33 @@ class StoreError(Exception):
     """The database could not commit a write; the caller must not acknowledge."""
 
 
-_iso_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+class _SecondText:
+    """``strftime`` of a whole second, redone only when the second changes:
+    every acknowledgement stamps its row and logs a line, and strftime was
+    most of the cost of both."""
+
+    def __init__(self, pattern: str, convert: Callable[[float], time.struct_time]) -> None:
+        self.pattern = pattern
+        self.convert = convert
+        self._last: tuple[int, str] = (-1, "")  # one tuple: threads never see half an update
+
+    def text(self, whole: int) -> str:
+        second, text = self._last
+        if second != whole:
+            text = time.strftime(self.pattern, self.convert(whole))
+            self._last = (whole, text)
+        return text
+
+
+_UTC_SECONDS = _SecondText("%Y-%m-%dT%H:%M:%S", time.gmtime)
 
 
 def utc_iso(timestamp: float | None = None) -> str:
     """UTC ISO 8601 text with milliseconds, as every timestamp this program writes."""
-    global _iso_second
     if timestamp is None:
         timestamp = time.time()
     whole = int(timestamp)
-    second, text = _iso_second  # one tuple: threads never see half an update
-    if second != whole:
-        # strftime is most of this function's cost, and every ack calls it.
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        _iso_second = (whole, text)
-    return f"{text}.{int((timestamp - whole) * 1000):03d}Z"
+    return f"{_UTC_SECONDS.text(whole)}.{int((timestamp - whole) * 1000):03d}Z"
 
 
 def parse_utc_iso(text: str) -> float:
@@ -2532,15 +2544,11 @@ class _LineFormatter(logging.Formatter):
     def __init__(self, journal: bool) -> None:
         super().__init__()
         self.journal = journal
-        self._second: tuple[int, str] = (-1, "")
+        self._seconds = _SecondText("%Y-%m-%d %H:%M:%S", time.localtime)
 
     def _clock(self, created: float) -> str:
         whole = int(created)
-        second, text = self._second  # one tuple: threads never see half an update
-        if second != whole:
-            text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(whole))
-            self._second = (whole, text)
-        return f"{text},{int((created - whole) * 1000):03d}"
+        return f"{self._seconds.text(whole)},{int((created - whole) * 1000):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         if self.journal:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import noyo_listener
 from conftest import event_body
@@ -36,6 +39,16 @@ def test_a_world_readable_database_is_made_private_at_start(start_listener, tmp_
     listener = start_listener()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     listener.wait_for_log(r"mode set to 0600")
+
+
+@given(st.lists(st.floats(min_value=0, max_value=4e9), min_size=1, max_size=20))
+def test_utc_iso_matches_strftime_for_timestamps_in_any_order(stamps):
+    # utc_iso keeps the text of the last second it formatted; any order of
+    # seconds must still give each its own text.
+    for stamp in stamps:
+        whole = int(stamp)
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % int((stamp - whole) * 1000)
+        assert noyo_listener.utc_iso(stamp) == expected
 
 
 @pytest.mark.parametrize("level, number", [("OFF", 0), ("NORMAL", 1), ("FULL", 2), ("EXTRA", 3)])
