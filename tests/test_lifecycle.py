@@ -122,12 +122,14 @@ def test_sigterm_with_requests_in_flight_answers_them_all_and_exits_0(start_list
     listener = start_listener(server={"threads": 1}, database={"busy_timeout": "10s"})
     blocker = hold_write_lock(listener)  # the first request blocks in its commit; the others queue
     answers: dict[str, int] = {}
+    sent: list[str] = []
 
     def send(event_id: str) -> None:
         body = event_body(event_id=event_id)
         conn = http.client.HTTPConnection("127.0.0.1", listener.port, timeout=30)
         try:
             conn.request("POST", listener.path, body=body, headers=signed_headers(body))
+            sent.append(event_id)
             answers[event_id] = conn.getresponse().status
         except (OSError, http.client.HTTPException) as exc:
             answers[event_id] = repr(exc)
@@ -137,8 +139,11 @@ def test_sigterm_with_requests_in_flight_answers_them_all_and_exits_0(start_list
     senders = [threading.Thread(target=send, args=(f"inflight-{n}",)) for n in range(3)]
     for sender in senders:
         sender.start()
-    # All three in flight (one running, two queued) once the server has read every byte sent.
-    wait_until(lambda: server_read_everything(listener.port, connections=3), message="requests read by the server")
+    # All three in flight (one running, two queued) once every request was sent
+    # and the server has read every byte of them (a connected socket whose
+    # request is not sent yet also shows nothing unread).
+    wait_until(lambda: len(sent) == 3 and server_read_everything(listener.port, connections=3),
+               message="requests sent and read by the server")
     listener.proc.terminate()
     listener.wait_for_log(r"stop requested; finishing requests in flight")
     blocker.execute("ROLLBACK")
