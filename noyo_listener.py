@@ -787,9 +787,12 @@ class Store:
         seconds; then nothing may be acknowledged (the job may still commit
         later, which is safe: events are deduplicated by id).
         """
-        job = self.submit(fn, batch_fn, item)
+        return self.result_of(self.submit(fn, batch_fn, item), timeout)
+
+    def result_of(self, job: _WriteJob, timeout: float | None = None) -> Any:
+        """Wait for a submitted job's commit; its result, or StoreError as in ``write``."""
         if timeout is None:
-            timeout = self.busy_timeout * 2 + 5
+            timeout = self.busy_timeout * 2 + 5  # room for two lock waits and the commit
         if not job.wait(timeout):
             raise StoreError(f"commit did not finish within {timeout:g}s")
         if job.error is not None:
@@ -2114,13 +2117,12 @@ class Worker:
                 return
             job, claim, line = item
             try:
-                if not job.wait(self.store.busy_timeout * 2 + 5):
-                    logger.error("worker cannot record a fetch outcome error=commit did not finish in time")
-                elif job.error is not None:
-                    # The lease returns these events; they are fetched again later.
-                    logger.error("worker cannot record a fetch outcome error=%s", job.error)
-                elif line:
+                self.store.result_of(job)
+                if line:
                     logger.log(*line)
+            except StoreError as exc:
+                # The lease returns these events; they are fetched again later.
+                logger.error("worker cannot record a fetch outcome error=%s", exc)
             except Exception:  # noqa: BLE001 - the recorder must outlive one bad line
                 logger.exception("worker recorder failed kind=%s id=%s", claim.kind, claim.data_id)
             finally:
