@@ -288,11 +288,15 @@ def drain_figures(tmp: Path, objects: int, latency: float) -> None:
             db = tmp / f"{name}.sqlite3"
             server = listener(ini, None)
             try:
+                give_up = time.monotonic() + 120  # bounded: a broken worker must not hang the run
                 while True:
                     with sqlite3.connect(db, timeout=10) as conn:
                         left = conn.execute("SELECT COUNT(*) FROM events WHERE status = 'pending'").fetchone()[0]
                     if not left:
                         break
+                    if time.monotonic() > give_up:
+                        raise SystemExit(f"worker drain: {left} events still pending after 120 s; "
+                                         f"see {ini.with_suffix('.log')}")
                     time.sleep(0.01)
                 finished = time.time()
             finally:
