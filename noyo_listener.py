@@ -1491,15 +1491,19 @@ class DatabaseGauges:
     """The gauges' database reading, kept fresh for scrapes without costing acks.
 
     One thread of its own takes each reading on its own read connection
-    (never the writer's), at the lowest CPU priority, so the scan of
-    ``events`` (0.65 s at a million rows) only uses CPU the requests leave
-    idle. A reading is reused for ``MIN_AGE`` seconds, and at least
-    ``COST_FACTOR`` times as long as it took to take, so frequent scrapes of
-    a large database cost at most about 3% of a core. A scrape that finds the
+    (never the writer's), at a low CPU priority (nice 10: about a tenth of
+    the CPU a request thread gets when the core is busy), so the scan of
+    ``events`` (0.65 s at a million rows) mostly uses CPU the requests leave
+    idle. Not nice 19: a reading starved for a minute would hold its WAL
+    snapshot that long, and the WAL could not be checkpointed meanwhile. A
+    reading is reused for ``MIN_AGE`` seconds, and at least ``COST_FACTOR``
+    times as long as it took to take, so frequent scrapes of a large
+    database cost at most about 3% of a core. A scrape that finds the
     reading old asks for a new one and waits up to ``WAIT`` seconds for it,
     else answers with the previous one.
     """
 
+    NICE = 10
     MIN_AGE = 5.0
     COST_FACTOR = 30
     WAIT = 1.0
@@ -1532,7 +1536,7 @@ class DatabaseGauges:
 
     def _run(self) -> None:
         try:  # Linux: a thread is a task with its own nice value; raising it needs no privilege
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.NICE)
         except (AttributeError, OSError):
             pass
         conn: sqlite3.Connection | None = None
