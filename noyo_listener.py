@@ -1429,19 +1429,18 @@ class Metrics:
         family("noyo_listener_ack_seconds", "histogram",
                "Seconds from a POST reaching the handler to its 200 answer (200s only).",
                [*buckets, ("_sum", {}, ack_sum), ("_count", {}, cumulative)])
-        if database is not None:
-            family("noyo_listener_events", "gauge", "Rows of the events table, by status.",
-                   (("", {"status": status}, database.events.get(status, 0))
-                    for status in sorted({*EVENT_STATUSES, *database.events})))
-            family("noyo_listener_oldest_pending_seconds", "gauge",
-                   "Age of the oldest pending event in seconds (0 when none is pending).",
-                   [("", {}, database.oldest_pending_age())])
+        # Without a database reading (or a worker) a family is announced without samples.
+        family("noyo_listener_events", "gauge", "Rows of the events table, by status.",
+               () if database is None else (("", {"status": status}, database.events.get(status, 0))
+                                            for status in sorted({*EVENT_STATUSES, *database.events})))
+        family("noyo_listener_oldest_pending_seconds", "gauge",
+               "Age of the oldest pending event in seconds (0 when none is pending).",
+               () if database is None else [("", {}, database.oldest_pending_age())])
         family("noyo_listener_fetches_total", "counter", "Object GETs to the Noyo API, by kind and outcome.",
                (("", {"kind": kind, "outcome": outcome}, n) for (kind, outcome), n in sorted(fetches.items())))
-        if api_state is not None:
-            family("noyo_listener_api_state", "gauge", "The worker's view of the Noyo API: 1 for the current state.",
-                   (("", {"state": state}, int(state == api_state))
-                    for state in (*API_STATES, *((api_state,) if api_state not in API_STATES else ()))))
+        family("noyo_listener_api_state", "gauge", "The worker's view of the Noyo API: 1 for the current state.",
+               () if api_state is None else (("", {"state": state}, int(state == api_state)) for state in
+                                             (*API_STATES, *((api_state,) if api_state not in API_STATES else ()))))
         family("noyo_listener_sync_new_objects_total", "counter",
                "Objects reconciliation found that no webhook announced, by kind.",
                (("", {"kind": kind}, n) for kind, n in sorted(sync_new.items())))
@@ -1468,23 +1467,31 @@ class DatabaseReading:
         return 0.0 if self.oldest_pending_at is None else max(0.0, round(time.time() - self.oldest_pending_at, 3))
 
 
-def read_database_gauges(conn: sqlite3.Connection) -> DatabaseReading:
-    """events by status and the oldest pending arrival in one pass; the last
-    completed pass per kind when a ``syncs`` table exists."""
-    events, oldest = {}, None
-    for status, count, first in conn.execute("SELECT status, COUNT(*), MIN(received_at) FROM events GROUP BY status"):
-        events[status] = count
-        if status == "pending" and first:
-            oldest = parse_utc_iso(first)
-    last_sync = {}
+def read_pending(conn: sqlite3.Connection) -> tuple[int, float | None]:
+    """How many events are pending, and when the oldest arrived: through the
+    partial index ``events_due``, so it costs what the backlog is, not the table."""
+    count, first = conn.execute("SELECT COUNT(*), MIN(received_at) FROM events WHERE status = 'pending'").fetchone()
+    return count, parse_utc_iso(first) if first else None
+
+
+def read_event_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Rows of ``events`` by status: a scan of the whole table (0.65 s at a
+    million rows; an index on status would cost every acknowledgement)."""
+    return dict(conn.execute("SELECT status, COUNT(*) FROM events GROUP BY status").fetchall())
+
+
+def read_last_syncs(conn: sqlite3.Connection) -> dict[str, float]:
+    """When the last completed reconciliation pass of each kind finished, if
+    there is a ``syncs`` table (SPEC, Reconciliation)."""
+    last_sync: dict[str, float] = {}
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'syncs'").fetchone():
         for kind, finished in conn.execute(
                 "SELECT kind, MAX(finished_at) FROM syncs WHERE status = 'done' GROUP BY kind"):
             try:
                 last_sync[kind] = parse_utc_iso(finished)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, AttributeError):
                 continue
-    return DatabaseReading(events, oldest, last_sync)
+    return last_sync
 
 
 class DatabaseGauges:
@@ -1492,19 +1499,22 @@ class DatabaseGauges:
 
     One thread of its own takes each reading on its own read connection
     (never the writer's), at a low CPU priority (nice 10: about a tenth of
-    the CPU a request thread gets when the core is busy), so the scan of
-    ``events`` (0.65 s at a million rows) mostly uses CPU the requests leave
-    idle. Not nice 19: a reading starved for a minute would hold its WAL
-    snapshot that long, and the WAL could not be checkpointed meanwhile. A
-    reading is reused for ``MIN_AGE`` seconds, and at least ``COST_FACTOR``
-    times as long as it took to take, so frequent scrapes of a large
-    database cost at most about 3% of a core. A scrape that finds the
-    reading old asks for a new one and waits up to ``WAIT`` seconds for it,
-    else answers with the previous one.
+    the CPU a request thread gets when the core is busy). Not nice 19: a
+    reading starved for a minute would hold its WAL snapshot that long, and
+    the WAL could not be checkpointed meanwhile.
+
+    What the alerts need (pending count, oldest pending) is cheap and read
+    at most every ``MIN_AGE`` seconds. The other statuses need a scan of
+    ``events``, read at most every ``COUNTS_MIN_AGE`` seconds. Each is also
+    reused ``COST_FACTOR`` times as long as it took, so frequent scrapes of
+    a large database cost at most about 3% of a core. A scrape that finds
+    the reading old asks for a new one and waits up to ``WAIT`` seconds for
+    it, else answers with the previous one.
     """
 
     NICE = 10
     MIN_AGE = 5.0
+    COUNTS_MIN_AGE = 30.0
     COST_FACTOR = 30
     WAIT = 1.0
     LOG_EVERY = 60.0
@@ -1513,6 +1523,8 @@ class DatabaseGauges:
         self.store = store
         self.reading: DatabaseReading | None = None
         self._due = 0.0  # monotonic time after which a scrape asks for a new reading
+        self._counts: dict[str, int] | None = None  # by status, from the last scan
+        self._counts_due = 0.0
         self._taken = 0  # readings taken (or failed) so far
         self._changed = threading.Condition()
         self._wanted = threading.Event()
@@ -1534,6 +1546,18 @@ class DatabaseGauges:
             self._changed.wait_for(lambda: self._taken != taken, self.WAIT)
         return self.reading
 
+    def _take(self, conn: sqlite3.Connection) -> DatabaseReading:
+        started = time.monotonic()
+        if self._counts is None or started >= self._counts_due:
+            self._counts = read_event_counts(conn)
+            self._counts_due = time.monotonic() + max(self.COUNTS_MIN_AGE,
+                                                      self.COST_FACTOR * (time.monotonic() - started))
+        cheap = time.monotonic()
+        pending, oldest = read_pending(conn)
+        reading = DatabaseReading({**self._counts, "pending": pending}, oldest, read_last_syncs(conn))
+        self._due = time.monotonic() + max(self.MIN_AGE, self.COST_FACTOR * (time.monotonic() - cheap))
+        return reading
+
     def _run(self) -> None:
         try:  # Linux: a thread is a task with its own nice value; raising it needs no privilege
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.NICE)
@@ -1545,22 +1569,20 @@ class DatabaseGauges:
             with self._changed:
                 self._wanted.clear()
                 self._busy = True
-            started = time.monotonic()
             try:
                 conn = conn or self.store.read()
-                reading: DatabaseReading | None = read_database_gauges(conn)
+                reading: DatabaseReading | None = self._take(conn)
             except (sqlite3.Error, StoreError, ValueError) as exc:
-                reading = None
+                reading, self._counts = None, None
+                self._due = time.monotonic() + self.MIN_AGE
                 if conn is not None:
                     conn.close()
                     conn = None
-                if started - self._error_logged > self.LOG_EVERY:
-                    self._error_logged = started
+                if time.monotonic() - self._error_logged > self.LOG_EVERY:
+                    self._error_logged = time.monotonic()
                     logger.warning("metrics cannot read the database; events gauges left out error=%s", exc)
-            took = time.monotonic() - started
             with self._changed:
                 self.reading = reading
-                self._due = time.monotonic() + max(self.MIN_AGE, self.COST_FACTOR * took)
                 self._taken += 1
                 self._busy = False
                 self._changed.notify_all()
