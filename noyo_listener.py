@@ -1270,9 +1270,9 @@ class RequestPolicy:
 
 
 # Metrics (GET /metrics). Counters live in this process since it started;
-# the gauges read from the database come from one query on a connection of
-# their own, taken at most every few seconds by a low-priority thread, so a
-# scrape never waits for, or takes the CPU from, an acknowledgement.
+# the gauges read from the database come from a connection of their own,
+# read at most every few seconds by a low-priority thread (DatabaseGauges),
+# so a scrape never waits for, or takes the CPU from, an acknowledgement.
 
 # Every reason a 401, 400 or 413 is logged with, and counted under in
 # noyo_listener_rejected_total. A new reason is one more line here (a reason

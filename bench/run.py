@@ -328,6 +328,13 @@ def scrape_figure(tmp: Path, seconds: float, rounds: int) -> None:
                     scrapes += scraper.durations
                     failures += scraper.failures
                 cpu[condition].append((cpu_seconds() - used) / max(1, results[condition][-1]["ok"]))
+        # The gauge thread is the one task of the process at nice 10 (noyo_listener.DatabaseGauges).
+        gauge_cpu = 0.0
+        for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[16]) == 10:
+                gauge_cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total_cpu = cpu_seconds()
     finally:
         server.stop()
     with sqlite3.connect(tmp / "scrape.sqlite3") as conn:
@@ -341,6 +348,7 @@ def scrape_figure(tmp: Path, seconds: float, rounds: int) -> None:
         f"scrapes={len(scrapes)} scrape_failures={failures} scrape_p50_ms={median(scrapes) * 1000:.1f} "
         f"scrape_max_ms={max(scrapes) * 1000:.1f} rows_at_end={rows} "
         f"cpu_per_ack_ratio={median(cpu['with']) / median(cpu['without']):.2f} "
+        f"gauge_thread_cpu_s={gauge_cpu:.2f} listener_cpu_s={total_cpu:.1f} "
         "(acks/s with a scraper every second / acks/s without)")
 
 
