@@ -223,7 +223,7 @@ def restore(config: Path, db: Path, out: Path) -> subprocess.CompletedProcess:
 
 
 @needs_litestream
-def test_restore_after_sigkill_has_every_event_acknowledged_before_the_last_sync(replicated, tmp_path):
+def test_restore_after_sigkill_has_every_event_acknowledged_before_the_last_sync(replicated, make_ini, tmp_path):
     """Once Litestream's first snapshot is in the replica, events flow without a
     pause; once a restore shows that the replica holds batch A (shipped from
     the WAL, not in that snapshot), everything dies by SIGKILL mid-load, and a
@@ -286,10 +286,11 @@ def test_restore_after_sigkill_has_every_event_acknowledged_before_the_last_sync
     lost = [at for at, event_id in acked if event_id not in restored]
     print(f"LITESTREAM acked={len(acked)} restored={len(restored)} lost={len(lost)} "
           f"recovery_point_s={(killed_at - min(lost)) if lost else 0:.2f}")
-    # The restore is a database the listener serves from as it is.
-    restarted = Listener(proc.ini).start()
+    # The restored file is a database the listener serves from as it is.
+    restarted = Listener(make_ini("restored.ini", database={"path": out})).start()
     try:
         assert restarted.get("/healthz")[0] == 200
+        assert run_cli("--config", str(restarted.ini), "status").returncode == 0
     finally:
         restarted.kill()
 
