@@ -222,6 +222,32 @@ def restore(config: Path, db: Path, out: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
+_probes = iter(range(1_000_000))
+
+
+def replica_event_ids(config: Path, db: Path, scratch: Path) -> set[str] | None:
+    """What a restore of the replica holds now (None: no snapshot yet)."""
+    out = scratch / f"probe-{next(_probes)}.sqlite3"
+    try:
+        if restore(config, db, out).returncode != 0:
+            return None
+        return event_ids(out)
+    finally:
+        for leftover in scratch.glob(out.name + "*"):
+            leftover.unlink()
+
+
+def send_events(listener: Listener, count: int) -> set[str]:
+    """``count`` acknowledged events; their ids."""
+    ids = set()
+    for _ in range(count):
+        body = event_body("difference.created")
+        status, _ = listener.post(body, signed_headers(body))
+        assert status == 200
+        ids.add(re.search(rb'"id": "([^"]+)", "created"', body).group(1).decode())
+    return ids
+
+
 @needs_litestream
 def test_restore_after_sigkill_has_every_event_acknowledged_before_the_last_sync(replicated, make_ini, tmp_path):
     """Once Litestream's first snapshot is in the replica, events flow without a
@@ -233,18 +259,9 @@ def test_restore_after_sigkill_has_every_event_acknowledged_before_the_last_sync
     db = tmp_path / "noyo.sqlite3"
     acked: list[tuple[float, str]] = []
     stop = threading.Event()
-    probes = iter(range(10_000))
 
     def restored_ids() -> set[str] | None:
-        """What a restore of the replica holds now (None: no snapshot yet)."""
-        out = tmp_path / f"probe-{next(probes)}.sqlite3"
-        try:
-            if restore(proc.config, db, out).returncode != 0:
-                return None
-            return event_ids(out)
-        finally:
-            for leftover in tmp_path.glob(out.name + "*"):
-                leftover.unlink()
+        return replica_event_ids(proc.config, db, tmp_path)
 
     wait_until(lambda: restored_ids() is not None, timeout=60, message="Litestream's first snapshot")
 
@@ -422,3 +439,40 @@ def test_unit_with_the_drop_in_verifies_clean(tmp_path):
     unit.write_text(unit.read_text().replace("/opt/noyo-listener", str(prefix)))
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
+@needs_litestream
+def test_replication_carries_on_from_an_older_database_put_in_place(replicated, tmp_path):
+    """The README's restore: stop, put an older copy in place (as `restore`
+    does: SQLite's backup API over the file, no -wal/-shm left), start again.
+    Litestream keeps its state beside the database and the same replica; what
+    it ships next must be that copy and what follows it, not the lost branch."""
+    first = replicated()
+    db = tmp_path / "noyo.sqlite3"
+    wait_until(lambda: replica_event_ids(first.config, db, tmp_path) is not None, timeout=60,
+               message="Litestream's first snapshot")
+    kept = send_events(first, 30)
+    copy = tmp_path / "older.sqlite3"
+    assert run_cli("--config", str(first.ini), "backup", str(copy)).returncode == 0
+    lost = send_events(first, 30)
+    wait_until(lambda: lost <= (replica_event_ids(first.config, db, tmp_path) or set()), timeout=60,
+               message="the replica to hold the events after the copy")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(30) == 0
+
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    source, target = sqlite3.connect(copy), sqlite3.connect(db)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+
+    second = replicated()
+    after = send_events(second, 30)
+    wait_until(lambda: after <= (replica_event_ids(second.config, db, tmp_path) or set()), timeout=60,
+               message="the replica to hold the events after the restore")
+    held = replica_event_ids(second.config, db, tmp_path)
+    assert kept | after <= held
+    assert not lost & held, "the replica still serves events from before the restore"
