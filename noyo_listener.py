@@ -1583,7 +1583,8 @@ class DatabaseGauges:
             self._changed.wait_for(lambda: self._taken != taken, self.WAIT)
         return self.reading
 
-    def _take(self, conn: sqlite3.Connection) -> DatabaseReading:
+    def _take(self, conn: sqlite3.Connection) -> tuple[DatabaseReading, float]:
+        """A new reading, and the monotonic time after which the next is due."""
         started = time.monotonic()
         if self._counts is None or started >= self._counts_due:
             self._counts = read_event_counts(conn)
@@ -1592,8 +1593,7 @@ class DatabaseGauges:
         cheap = time.monotonic()
         pending, oldest = read_pending(conn)
         reading = DatabaseReading({**self._counts, "pending": pending}, oldest, read_last_syncs(conn))
-        self._due = time.monotonic() + max(self.MIN_AGE, self.COST_FACTOR * (time.monotonic() - cheap))
-        return reading
+        return reading, time.monotonic() + max(self.MIN_AGE, self.COST_FACTOR * (time.monotonic() - cheap))
 
     def _run(self) -> None:
         try:  # Linux: a thread is a task with its own nice value; raising it needs no privilege
@@ -1608,18 +1608,18 @@ class DatabaseGauges:
                 self._busy = True
             try:
                 conn = conn or self.store.read()
-                reading: DatabaseReading | None = self._take(conn)
+                reading, due = self._take(conn)
             except (sqlite3.Error, StoreError, ValueError) as exc:
-                reading, self._counts = None, None
-                self._due = time.monotonic() + self.MIN_AGE
+                reading, due, self._counts = None, time.monotonic() + self.MIN_AGE, None
                 if conn is not None:
                     conn.close()
                     conn = None
                 if time.monotonic() - self._error_logged > self.LOG_EVERY:
                     self._error_logged = time.monotonic()
                     logger.warning("metrics cannot read the database; events gauges left out error=%s", exc)
-            with self._changed:
+            with self._changed:  # reading before due: a scrape never sees a new due with an old reading
                 self.reading = reading
+                self._due = due
                 self._taken += 1
                 self._busy = False
                 self._changed.notify_all()

@@ -22,8 +22,8 @@ BREAKS = [
     ("kinds unbounded", '        return kind if kind in self._kinds else "other"\n', '        return kind\n', "bounded"),
     ("fetch kinds not known", '            self._kinds = frozenset(NOYO_KINDS) | frozenset(fetch_kinds) | frozenset(list_kinds)\n',
      '            self._kinds = frozenset(NOYO_KINDS) | frozenset(list_kinds)\n', "bounded"),
-    ("gauges through the writer", "                reading: DatabaseReading | None = self._take(conn)\n",
-     "                reading: DatabaseReading | None = self.store.write(self._take)\n", "without_the_writer"),
+    ("gauges through the writer", "                reading, due = self._take(conn)\n",
+     "                reading, due = self.store.write(self._take)\n", "without_the_writer"),
     ("failed fetch not counted", "            METRICS.fetched(claim.kind, error.kind)\n", "", "fetches_are_counted or refused_credentials"),
     ("ok fetch not counted", '        METRICS.fetched(claim.kind, "ok")\n', "", "fetches_are_counted"),
     ("scrape logged at INFO", '        self._log_request(logging.DEBUG, bottle.request.environ, 200, started, "check=metrics")\n',
@@ -41,8 +41,8 @@ BREAKS = [
      "            self._sync_new[kind] = int(new_objects)\n", "sync_finished"),
     ("scrapes counted as requests", "        body = METRICS.exposition(self.database_gauges.current(), api_state)\n",
      "        METRICS.answered(200)\n        body = METRICS.exposition(self.database_gauges.current(), api_state)\n", "neither_logged"),
-    ("gauges never refreshed", "        self._due = time.monotonic() + max(self.MIN_AGE, self.COST_FACTOR * (time.monotonic() - cheap))\n",
-     "        self._due = math.inf\n", "gauges_equal"),
+    ("gauges never refreshed", "        return reading, time.monotonic() + max(self.MIN_AGE, self.COST_FACTOR * (time.monotonic() - cheap))\n",
+     "        return reading, math.inf\n", "gauges_equal"),
     ("metrics path not reserved", '    if text == "/metrics":\n        raise ValueError("/metrics is reserved for Prometheus")\n', "", "reserved"),
 ]
 original = open(P).read()
