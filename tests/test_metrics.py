@@ -350,9 +350,10 @@ def test_event_gauges_equal_the_database(start_listener, fake_noyo):
                timeout=20, message="pending gauges back to 0 once none is pending")
 
 
-def test_gauges_are_read_without_the_writer(listener):
-    """With the database's write lock held elsewhere the writer cannot commit;
-    a scrape still reads the gauges (WAL readers do not wait for writers)."""
+def test_gauges_are_read_without_the_writer_and_503s_are_counted(listener):
+    """With the database's write lock held elsewhere the writer cannot commit
+    (an event gets 503); a scrape still reads the gauges (WAL readers do not
+    wait for writers)."""
     for _ in range(3):
         assert listener.send(event_body("difference.created"))[0] == 200
     blocker = sqlite3.connect(listener.db().execute("PRAGMA database_list").fetchone()[2],
@@ -362,9 +363,14 @@ def test_gauges_are_read_without_the_writer(listener):
         result = scrape(listener)  # the first scrape of this process: its first reading, taken now
         assert {dict(labels)["status"]: value for labels, value in
                 result.series("noyo_listener_events").items()} == {"pending": 3, "done": 0, "ignored": 0, "dead": 0}
+        assert listener.send(event_body("difference.created"))[0] == 503  # busy_timeout is 1s in tests
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+    after = scrape(listener)
+    assert after.value("noyo_listener_requests_total", code="503") == 1
+    assert after.value("noyo_listener_requests_total", code="200") == 3
+    assert after.value("noyo_listener_ack_seconds_count") == 3  # 200s only
 
 
 def test_last_sync_gauge_reads_a_syncs_table_when_there_is_one(listener):
