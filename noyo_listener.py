@@ -199,6 +199,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
         "path": (_nonempty, "noyo_listener.sqlite3", False),
         "synchronous": (_choice("OFF", "NORMAL", "FULL", "EXTRA"), "FULL", False),
         "dedupe_days": (_int_in(1, 3650), "30", False),
+        "history_days": (_int_in(0, 36500), "365", False),  # rows of `changes` kept; 0 = forever
         "busy_timeout": (_duration_at_least(0.001), "5s", False),
     },
     "noyo_api": {
@@ -289,8 +290,12 @@ def _read_secret_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str]
     return found
 
 
-def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
-    """Read and validate the ini at ``path``; raise ConfigError with one line."""
+def load_settings(path: str, environ: dict[str, str] | None = None, need_secrets: bool = True) -> Settings:
+    """Read and validate the ini at ``path``; raise ConfigError with one line.
+
+    ``need_secrets=False`` is for commands that only read the database: an
+    empty ``[webhook] secrets`` (the production layout keeps them elsewhere)
+    is then no error."""
     environ = dict(os.environ if environ is None else environ)
     parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
     try:
@@ -339,7 +344,7 @@ def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
 
     fetch = _fetch_templates(parser["fetch"] if parser.has_section("fetch") else {})
     settings = Settings(values=values, fetch=fetch, sources=sources, config_path=path)
-    _validate_together(settings)
+    _validate_together(settings, need_secrets)
     return settings
 
 
@@ -364,11 +369,11 @@ def _fetch_templates(entries: Any) -> dict[str, str]:
     return fetch
 
 
-def _validate_together(settings: Settings) -> None:
+def _validate_together(settings: Settings, need_secrets: bool = True) -> None:
     """Refuse combinations of keys that are each valid but wrong together."""
     webhook, database, worker, api = (
         settings["webhook"], settings["database"], settings["worker"], settings["noyo_api"])
-    if not webhook["secrets"]:
+    if need_secrets and not webhook["secrets"]:
         raise ConfigError(
             "[webhook] secrets is empty: set it in the ini, in NOYO_WEBHOOK_SECRETS "
             "or as the systemd credential NOYO_WEBHOOK_SECRETS"
@@ -567,6 +572,54 @@ MIGRATIONS: list[str] = [
     -- looks deliveries up by rowid and age, and repeated_deliveries joins
     -- through the events primary key.
     DROP INDEX IF EXISTS deliveries_event;
+    """,
+    """
+    -- The change feed (SPEC, History): one row per newer version of an object
+    -- stored, and per state an event alone changed. Written by the worker's
+    -- commits, never by the acknowledgement path. AUTOINCREMENT: a seq is never
+    -- handed out twice, even once prune has emptied the table, so a consumer's
+    -- saved seq stays a valid bookmark.
+    CREATE TABLE changes (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind        TEXT NOT NULL,
+        id          TEXT NOT NULL,
+        version     INTEGER,
+        modified    INTEGER,
+        state_from  TEXT,                  -- NULL the first time the object is seen
+        state_to    TEXT,
+        observed_at TEXT NOT NULL,         -- UTC ISO 8601
+        source      TEXT NOT NULL CHECK (source IN ('fetch', 'sync', 'event')),
+        event_type  TEXT                   -- the event behind a fetch or event row
+    );
+    CREATE INDEX changes_object ON changes (id, seq);
+    CREATE INDEX changes_observed ON changes (observed_at);  -- prune by age without a scan
+
+    -- Views for operators: sqlite3 -box noyo_listener.sqlite3 'select * from open_discrepancy_ages'
+    CREATE VIEW open_discrepancy_ages AS
+        SELECT difference_id, group_id, employee_id, carrier_id, difference_type, open_since,
+               printf('%dd %02dh %02dm', open_seconds / 86400, open_seconds % 86400 / 3600,
+                      open_seconds % 3600 / 60) AS open_for,
+               noticed_at
+        FROM (
+            SELECT d.id AS difference_id, d.group_id, d.employee_id, d.carrier_id, d.difference_type,
+                   n.noticed_at,
+                   coalesce(datetime(d.discrepancy_time, 'unixepoch'), datetime(n.noticed_at)) AS open_since,
+                   CAST((julianday('now') - julianday(coalesce(datetime(d.discrepancy_time, 'unixepoch'),
+                                                             n.noticed_at))) * 86400 AS INTEGER) AS open_seconds
+            FROM differences d
+            LEFT JOIN (SELECT id, MAX(observed_at) AS noticed_at FROM changes
+                       WHERE kind = 'difference' AND state_to = 'discrepancy'
+                         AND state_from IS NOT 'discrepancy' GROUP BY id) n ON n.id = d.id
+            WHERE d.state = 'discrepancy'
+        )
+        ORDER BY open_seconds DESC;
+    CREATE VIEW difference_timeline AS
+        SELECT id AS difference_id, seq, observed_at, state_from, state_to, source, event_type,
+               datetime(modified, 'unixepoch') AS modified, version
+        FROM changes WHERE kind = 'difference' ORDER BY id, seq;
+    CREATE VIEW recent_changes AS
+        SELECT seq, observed_at, kind, id, state_from, state_to, source, event_type
+        FROM changes ORDER BY seq DESC LIMIT 100;
     """,
 ]
 
@@ -1022,6 +1075,26 @@ def prune(store: "Store", dedupe_days: int, include_dead: bool = False, now: flo
     store.write(lambda conn: conn.execute("PRAGMA incremental_vacuum").fetchall())
     store.checkpoint()
     return total_events, total_deliveries
+
+
+def prune_history(store: "Store", history_days: int, now: float | None = None) -> int:
+    """Forget change-feed rows observed more than ``history_days`` ago (0 keeps
+    them forever), PRUNE_BATCH rows per transaction; returns how many.
+
+    ``seq`` is AUTOINCREMENT, so a consumer's saved seq stays valid however
+    much is pruned: it resumes at the oldest row kept.
+    """
+    if history_days <= 0:
+        return 0
+    cutoff = utc_iso((time.time() if now is None else now) - history_days * 86400)
+    total = 0
+    while True:
+        deleted = store.write(lambda conn: conn.execute(
+            f"DELETE FROM changes WHERE seq IN (SELECT seq FROM changes WHERE observed_at < ? "
+            f"ORDER BY observed_at LIMIT {PRUNE_BATCH})", (cutoff,)).rowcount)
+        total += deleted
+        if deleted < PRUNE_BATCH:
+            return total
 
 
 class InstanceLock:
@@ -1744,58 +1817,130 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: list[str], fetched_at: str) -> None:
+CHANGE_SOURCES = ("fetch", "sync", "event")
+_INSERT_CHANGE = ("INSERT INTO changes (kind, id, version, modified, state_from, state_to, observed_at, source, "
+                  "event_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def record_change(conn: sqlite3.Connection, kind: str, obj: dict, state_from: str | None, state_to: str | None,
+                  observed_at: str, source: str, event_type: str | None) -> None:
+    """Append one row to the change feed, inside the caller's transaction."""
+    if source not in CHANGE_SOURCES:
+        raise ValueError(f"change source must be one of {', '.join(CHANGE_SOURCES)} (got {source!r})")
+    conn.execute(_INSERT_CHANGE, (kind, str(obj["id"]), _scalar(obj.get("version")), _scalar(obj.get("modified")),
+                                  state_from, state_to, observed_at, source, event_type))
+
+
+def newest_event_type(conn: sqlite3.Connection, event_ids: list[str]) -> str | None:
+    """The type of the newest of these events (``event_order``): what a fetch row names as its cause."""
+    newest: tuple | None = None
+    placeholders = ", ".join("?" * len(event_ids))
+    for event_type, created in conn.execute(
+            f"SELECT type, created FROM events WHERE event_id IN ({placeholders})", event_ids):
+        if newest is None or event_order(created, event_type) >= newest:
+            newest = event_order(created, event_type)
+    return newest[2] if newest else None
+
+
+def object_status(obj: dict) -> str | None:
+    """The state the feed records for kinds other than differences: ``status`` when it is text."""
+    status = obj.get("status")
+    return status if isinstance(status, str) else None
+
+
+def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: list[str], fetched_at: str, *,
+                     source: str = "fetch", event_type: str | None = None) -> str:
     """Merge a fetched difference and the events that asked for it into its row.
 
     The result does not depend on the order of events and fetches: the row
     keeps the newest object (a fetch with an older ``modified`` never wins),
     the ``replaced`` flag only ever turns on, and ``last_event_type`` is the
     type of the newest event by ``created``.
+
+    Returns ``new`` (first sighting), ``updated`` (a newer object, or the same
+    version in another state) or ``unchanged`` (an older or identical one).
+    The change feed gets a row, in this transaction, for ``new`` and
+    ``updated``, and a row with source ``event`` when a ``difference.replaced``
+    event alone changed the state. ``event_type`` names the event behind a
+    fetch; by default the newest of ``event_ids`` (none for a sync pass).
     """
     diff_id = str(obj["id"])
-    row = conn.execute("SELECT body, replaced, replaced_by, last_event_type, last_event_created, fetched_at "
+    observed_at = fetched_at
+    row = conn.execute("SELECT body, replaced, replaced_by, last_event_type, last_event_created, fetched_at, state "
                        "FROM differences WHERE id = ?", (diff_id,)).fetchone()
     stored = json.loads(row[0]) if row else None
     replaced, replaced_by = (bool(row[1]), row[2]) if row else (False, None)
+    was_replaced, state_from = replaced, (row[6] if row else None)
     last_type, last_created = (row[3], row[4]) if row else (None, None)
+    cause: tuple | None = None  # event_order of the newest event in event_ids
 
     placeholders = ", ".join("?" * len(event_ids))
-    for event_type, created, payload in conn.execute(
+    for type_, created, payload in conn.execute(
             f"SELECT type, created, payload FROM events WHERE event_id IN ({placeholders})", event_ids):
-        if event_type == "difference.replaced":
+        if type_ == "difference.replaced":
             replaced = True
             try:
                 data = json.loads(payload).get("data")
             except (ValueError, AttributeError):
                 data = None
             replaced_by = replaced_by or find_replaced_by(data)
-        if last_type is None or event_order(created, event_type) >= event_order(last_created, last_type):
-            last_type, last_created = event_type, created
+        if last_type is None or event_order(created, type_) >= event_order(last_created, last_type):
+            last_type, last_created = type_, created
+        if cause is None or event_order(created, type_) >= cause:
+            cause = event_order(created, type_)
+    if source == "sync":
+        event_type = None  # a pass is behind it, not an event
+    elif event_type is None and cause is not None:
+        event_type = cause[2]
 
+    newer = stored is None or newness(obj) > newness(stored)
     if stored is not None and newness(obj) < newness(stored):
         obj, body, fetched_at = stored, row[0], row[5]  # an older fetch: keep the newer object we have
     replaced_by = find_replaced_by(obj) or replaced_by
+    state = difference_state(obj, replaced)
     conn.execute(_UPSERT_DIFFERENCE, (
-        diff_id, difference_state(obj, replaced), _scalar(obj.get("resolved")), _scalar(obj.get("discrepancy_time")),
+        diff_id, state, _scalar(obj.get("resolved")), _scalar(obj.get("discrepancy_time")),
         _scalar(obj.get("modified")), _scalar(obj.get("version")), _scalar(obj.get("group_id")),
         _scalar(obj.get("employee_id")), _scalar(obj.get("carrier_id")), _scalar(obj.get("difference_type")),
         _scalar(obj.get("difference_classification")), last_type, last_created, int(replaced), replaced_by,
         fetched_at, body,
     ))
+    if not newer and state == state_from:
+        return "unchanged"
+    # No newer object, yet another state: the replaced event of this call did
+    # it (else an object whose modified and version did not move).
+    by_event = not newer and replaced and not was_replaced
+    record_change(conn, "difference", obj, state_from, state, observed_at,
+                  "event" if by_event else source, "difference.replaced" if by_event else event_type)
+    if stored is None:
+        return "new"
+    return "unchanged" if by_event else "updated"
 
 
-def apply_resource(conn: sqlite3.Connection, kind: str, obj: dict, body: str, fetched_at: str) -> None:
-    """Keep the newest fetched state of any other kind in ``resources``."""
+def apply_resource(conn: sqlite3.Connection, kind: str, obj: dict, body: str, fetched_at: str, *,
+                   source: str = "fetch", event_type: str | None = None) -> str:
+    """Keep the newest fetched state of any other kind in ``resources``.
+
+    Returns ``new``, ``updated`` or ``unchanged`` as ``apply_difference`` does,
+    and appends to the change feed for the first two (state: ``status``).
+    """
     object_id = str(obj["id"])
     row = conn.execute("SELECT body FROM resources WHERE kind = ? AND id = ?", (kind, object_id)).fetchone()
-    if row is not None and newness(obj) < newness(json.loads(row[0])):
-        return
+    stored = json.loads(row[0]) if row else None
+    if stored is not None and newness(obj) < newness(stored):
+        return "unchanged"
     conn.execute(
         "INSERT INTO resources (kind, id, modified, fetched_at, body) VALUES (?, ?, ?, ?, ?) "
         "ON CONFLICT (kind, id) DO UPDATE SET modified = excluded.modified, "
         "fetched_at = excluded.fetched_at, body = excluded.body",
         (kind, object_id, _scalar(obj.get("modified")), fetched_at, body),
     )
+    state_from = object_status(stored) if stored is not None else None
+    if stored is not None and newness(obj) == newness(stored) and object_status(obj) == state_from:
+        return "unchanged"  # the same version again (its body and fetched_at refreshed)
+    record_change(conn, kind, obj, state_from, object_status(obj), fetched_at, source,
+                  None if source == "sync" else event_type)
+    return "new" if stored is None else "updated"
 
 
 @dataclasses.dataclass
@@ -2149,7 +2294,7 @@ class Worker:
             if claim.kind == "difference":
                 apply_difference(conn, obj, body, event_ids, fetched_at)
             else:
-                apply_resource(conn, claim.kind, obj, body, fetched_at)
+                apply_resource(conn, claim.kind, obj, body, fetched_at, event_type=newest_event_type(conn, event_ids))
             conn.executemany("UPDATE events SET status = 'done', processed_at = ?, lease_until = NULL, "
                              "next_attempt_at = NULL, last_error = NULL WHERE event_id = ? AND status = 'pending'",
                              [(fetched_at, event_id) for event_id in event_ids])
@@ -2512,6 +2657,10 @@ class Service:
         _warn_about_development_secret(self.settings)
 
     def prune(self, include_dead: bool = False) -> tuple[int, int]:
+        history_days = self.settings["database"]["history_days"]
+        if history_days:  # first: prune's vacuum then gives these pages back too
+            changes = prune_history(self.store, history_days)
+            logger.info("pruned changes=%d older_than_days=%d", changes, history_days)
         events, deliveries = prune(self.store, self.settings["database"]["dedupe_days"], include_dead)
         logger.info("pruned events=%d deliveries=%d older_than_days=%d", events, deliveries,
                     self.settings["database"]["dedupe_days"])
@@ -2743,12 +2892,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     settings = load_settings(_config_path(args))
     store = _open_store(settings)
     try:
+        changes = prune_history(store, settings["database"]["history_days"])  # first: prune vacuums after
         events, deliveries = prune(store, settings["database"]["dedupe_days"], include_dead=args.dead)
     finally:
         store.close()
     kinds = "done, ignored and dead" if args.dead else "done and ignored"
     print(f"pruned {events} {kinds} event(s) and {deliveries} deliveries older than "
           f"{settings['database']['dedupe_days']} days")
+    history_days = settings["database"]["history_days"]
+    print(f"pruned {changes} change(s) older than {history_days} days" if history_days
+          else "kept every change (history_days = 0)")
     return 0
 
 
@@ -2782,6 +2935,144 @@ def cmd_backup(args: argparse.Namespace) -> int:
     size = os.path.getsize(args.dest)
     print(f"backed up {path} to {args.dest}: {events} events, {size} bytes, "
           f"{time.monotonic() - started:.2f}s, integrity ok")
+    return 0
+
+
+# The change feed, read-only: `history` for people, `changes` for scripts.
+
+CHANGE_COLUMNS = ("seq", "kind", "id", "version", "modified", "state_from", "state_to", "observed_at", "source",
+                  "event_type")
+_SELECT_CHANGES = f"SELECT {', '.join(CHANGE_COLUMNS)} FROM changes"
+FOLLOW_POLL = 0.25  # seconds between looks for new rows (the SPEC promises them within 1 s)
+CHANGES_PAGE = 1000  # rows per read: a long backlog never holds one read transaction open
+
+
+def _database_settings(args: argparse.Namespace) -> Settings:
+    """Settings for commands that only read the database: they need neither
+    webhook secrets nor API credentials (SPEC), so an ini without them works."""
+    return load_settings(_config_path(args), need_secrets=False)
+
+
+def _open_feed(settings: Settings) -> sqlite3.Connection:
+    """The database opened read-only, with its change feed present."""
+    path = existing_database(settings)
+    try:
+        conn = connect(path, busy_timeout=settings["database"]["busy_timeout"], mode="readonly")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from None
+    try:
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'").fetchone()
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    if not found:
+        conn.close()
+        raise StoreError(f"{path} has no change history yet (its schema predates it); "
+                         "start `serve` of this version once to migrate it")
+    return conn
+
+
+def _printable(value: Any) -> str:
+    """Text for a terminal: values from the API cannot move the cursor or start a line."""
+    text = "-" if value is None else str(value)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _modified_text(value: Any) -> str:
+    """``modified`` as UTC text when it is unix seconds, else as stored."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return dt.datetime.fromtimestamp(value, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except (OverflowError, OSError, ValueError):
+            pass
+    return _printable(value)
+
+
+def format_change(row: dict) -> str:
+    """One line of `history`: observed_at, kind, state_from -> state_to, modified, source."""
+    cause = f" ({_printable(row['event_type'])})" if row["event_type"] else ""
+    version = f" version={_printable(row['version'])}" if row["version"] is not None else ""
+    return (f"{row['observed_at']}  {_printable(row['kind'])}  "
+            f"{'(new)' if row['state_from'] is None else _printable(row['state_from'])} -> "
+            f"{_printable(row['state_to'])}  modified={_modified_text(row['modified'])}{version}  "
+            f"source={row['source']}{cause}")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Print one object's timeline from the change feed, oldest first."""
+    settings = _database_settings(args)
+    conn = _open_feed(settings)
+    try:
+        rows = [dict(zip(CHANGE_COLUMNS, row)) for row in conn.execute(
+            f"{_SELECT_CHANGES} WHERE id = ? ORDER BY seq", (args.id,))]
+        known = bool(rows) or conn.execute(
+            "SELECT 1 FROM differences WHERE id = ? UNION ALL SELECT 1 FROM resources WHERE id = ? LIMIT 1",
+            (args.id, args.id)).fetchone() is not None
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the change history: {exc}") from None
+    finally:
+        conn.close()
+    if not known:
+        raise StoreError(f"no object has id {_printable(args.id)!r}; list ids with "
+                         "`noyo_listener.py changes` or: select id from differences")
+    if not rows:
+        print(f"no changes recorded for {_printable(args.id)}: they are older than [database] history_days, "
+              "or it was stored before history was kept", file=sys.stderr)
+    for row in rows:
+        print(json.dumps(row) if args.json else format_change(row))
+    return 0
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the handler does nothing else."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def handle(self, _signum: int, _frame: Any) -> None:
+        self.raised = True
+
+
+def cmd_changes(args: argparse.Namespace) -> int:
+    """Write the change feed as JSON lines; with --follow, keep writing until SIGINT/SIGTERM."""
+    settings = _database_settings(args)
+    conn = _open_feed(settings)
+    stop = _StopFlag()
+    if args.follow:
+        signal.signal(signal.SIGINT, stop.handle)
+        signal.signal(signal.SIGTERM, stop.handle)
+    where, params = "seq > ?", []
+    if args.kind is not None:
+        where, params = "seq > ? AND kind = ?", [args.kind]
+    last, left = args.since, args.limit
+    try:
+        while not stop.raised:
+            # Read data_version before the rows: a commit in between is then seen twice, never missed.
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            page = CHANGES_PAGE if left is None else min(CHANGES_PAGE, left)
+            rows = conn.execute(f"{_SELECT_CHANGES} WHERE {where} ORDER BY seq LIMIT ?",
+                                [last, *params, page]).fetchall()
+            for row in rows:
+                sys.stdout.write(json.dumps(dict(zip(CHANGE_COLUMNS, row))) + "\n")
+                last = row[0]
+            sys.stdout.flush()
+            if left is not None:
+                left -= len(rows)
+                if left <= 0:
+                    break
+            if len(rows) == page:
+                continue  # more are waiting
+            if not args.follow:
+                break
+            while not stop.raised and conn.execute("PRAGMA data_version").fetchone()[0] == version:
+                time.sleep(FOLLOW_POLL)  # a signal ends the sleep; its handler only sets the flag
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the change feed: {exc}") from None
+    except BrokenPipeError:
+        # The reader went away (`changes | head`): nothing more to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        conn.close()
     return 0
 
 
@@ -2838,6 +3129,19 @@ def _url_argument(text: str) -> str:
     return text
 
 
+def _count_argument(minimum: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more (got {value})")
+        return value
+
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noyo_listener.py", description="Receive Noyo webhooks, store them in SQLite, fetch the objects.")
@@ -2870,6 +3174,20 @@ def build_parser() -> argparse.ArgumentParser:
     backup = commands.add_parser("backup", help="consistent copy of the database, safe while serving")
     backup.add_argument("dest", metavar="DEST", help="new file to write (never overwritten)")
     backup.set_defaults(func=cmd_backup)
+
+    history = commands.add_parser("history", help="the timeline of one object, oldest first")
+    history.add_argument("id", metavar="ID", help="a difference's or other object's id")
+    history.add_argument("--json", action="store_true", help="JSON lines with every column")
+    history.set_defaults(func=cmd_history)
+
+    changes = commands.add_parser("changes", help="the change feed as JSON lines, for scripts")
+    changes.add_argument("--since", type=_count_argument(0), default=0, metavar="SEQ",
+                         help="only rows after this seq (the last one you handled)")
+    changes.add_argument("--kind", metavar="K", help="only this kind (difference, member_snapshot, ...)")
+    changes.add_argument("--limit", type=_count_argument(1), metavar="N", help="at most N rows")
+    changes.add_argument("--follow", action="store_true",
+                         help="keep writing new rows as they commit, until SIGINT or SIGTERM")
+    changes.set_defaults(func=cmd_changes)
 
     requeue = commands.add_parser("requeue", help="put events back to pending")
     which = requeue.add_mutually_exclusive_group(required=True)
