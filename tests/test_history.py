@@ -354,6 +354,7 @@ class Follower:
             try:
                 rows.append(json.loads(self.lines.get(timeout=max(0.0, deadline - time.monotonic()))))
             except queue.Empty:
+                self.proc.kill()
                 raise AssertionError(f"got {len(rows)} of {count} rows; stderr: {self.proc.stderr.read()}") from None
         return rows
 
@@ -366,7 +367,7 @@ class Follower:
         return code, leftover
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_follow_streams_new_rows_until_a_signal_and_resuming_sees_each_row_once(feed_db, sig):
     path, ini = feed_db
     follower = Follower(ini, "--since", "1")
