@@ -3006,7 +3006,8 @@ def _open_feed(settings: Settings) -> sqlite3.Connection:
     """The database opened read-only, with its change feed present."""
     path = existing_database(settings)
     try:
-        conn = connect(path, busy_timeout=settings["database"]["busy_timeout"], mode="readonly")
+        conn = connect(path, busy_timeout=settings["database"]["busy_timeout"], mode="readonly",
+                       checkpoints=settings["database"]["checkpoints"])
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open {path}: {exc}") from None
     try:
