@@ -101,7 +101,7 @@ def test_a_difference_lifecycle_gives_three_rows_and_repeats_or_older_objects_no
 
 
 def test_a_replaced_event_and_a_member_snapshot_status_change_each_write_their_row(start_listener, fake_noyo,
-                                                                                   tmp_path):
+                                                                                   tmp_path, make_ini):
     listener = start_listener(**api_sections(fake_noyo))
     deliver(listener, fake_noyo, "difference", difference("d-2", 100, discrepancy_time=90),
             "difference.discrepancy", "e-1")
@@ -128,6 +128,15 @@ def test_a_replaced_event_and_a_member_snapshot_status_change_each_write_their_r
     with listener.db() as conn:
         assert tuple(conn.execute("SELECT state, replaced_by FROM differences WHERE id = 'd-2'").fetchone()) == (
             "replaced", "d-3")
+
+    # While serve runs, `history` reads the same file with an ini that has no
+    # secrets at all (the production layout).
+    reader_ini = make_ini("reader.ini", webhook={"secrets": ""})
+    result = run_cli("--config", str(reader_ini), "history", "d-2")
+    assert result.returncode == 0, result.stderr
+    assert [line.split("  ")[2] for line in result.stdout.splitlines()] == ["(new) -> discrepancy",
+                                                                            "discrepancy -> replaced"]
+    assert result.stdout.splitlines()[1].endswith("source=event (difference.replaced)")
 
 
 # --- apply_* return values and the sync source (the interface reconciliation uses) --------
