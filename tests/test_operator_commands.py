@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import noyo_listener
-from conftest import SECRET, api_sections, event_body, run_cli
+from conftest import SECRET, Listener, api_sections, event_body, run_cli, wait_until
 
 # The production layout: the ini has no secrets; the service gets them from
 # systemd credentials, which an operator's shell does not see.
@@ -122,16 +122,43 @@ def test_status_says_fetching_is_off_when_the_daemon_has_no_credentials(start_li
     assert status["fetching"].startswith("off") and status["api"]["state"] == "fetching_off"
 
 
-def test_a_status_probe_of_the_lock_does_not_make_a_starting_serve_refuse(make_ini, start_listener, tmp_path):
+def _has_open(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def test_a_status_probe_of_the_lock_does_not_make_a_starting_serve_refuse(make_ini, tmp_path):
     # status takes the instance lock shared for an instant to see whether a
     # serve holds it; a serve starting at that instant waits it out.
     ini = make_ini()
     lock_path = tmp_path / "noyo.sqlite3.lock"
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    threading.Timer(0.2, os.close, (fd,)).start()  # the probe ends
-    listener = start_listener(ini=ini)
-    assert listener.get("/healthz")[0] == 200
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a status probe, caught in the act
+    listener = Listener(ini)
+    outcome: list = []
+
+    def start() -> None:
+        try:
+            outcome.append(listener.start())
+        except AssertionError as exc:
+            outcome.append(exc)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    try:
+        # serve has opened the lock file: it is trying to take the lock.
+        wait_until(lambda: listener.proc is not None and _has_open(listener.proc.pid, lock_path),
+                   timeout=20, message="serve opening its lock file")
+    finally:
+        os.close(fd)  # the probe ends
+        starter.join(30)
+    try:
+        assert outcome and outcome[0] is listener, outcome
+        assert listener.get("/healthz")[0] == 200
+    finally:
+        listener.kill()
 
 
 # --- restore ------------------------------------------------------------------------------
