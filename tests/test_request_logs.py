@@ -10,7 +10,7 @@ import re
 import socket
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import noyo_listener
 from conftest import ROOT, SECRET, event_body, signed_headers
@@ -91,6 +91,10 @@ def test_event_id_and_type_from_an_authentic_body_are_escaped(start_listener):
 
 
 @given(st.text(max_size=40))
+@example("\x7f")
+@example("a=b")
+@example("")
+@example("\u2028")
 def test_log_value_is_one_field_that_decodes_back(value):
     text = noyo_listener.log_value(value)
     assert text.isprintable() and text.isascii() and text
