@@ -61,3 +61,20 @@ def test_the_server_keeps_its_socket_map_and_channel_class(tmp_path):
     finally:
         server.close()
         server.task_dispatcher.shutdown()
+
+
+def test_channel_and_parser_state_the_shutdown_grace_reads():
+    # A channel's request being received is ``channel.request``, a parser with
+    # ``headers_finished`` and ``completed``; a completed one becomes a task
+    # through ``server.add_task`` as the loop reads it.
+    import waitress.parser
+    import waitress.wasyncore
+    assert waitress.channel.HTTPChannel.request is None
+    assert waitress.parser.HTTPRequestParser.headers_finished is False
+    assert waitress.parser.HTTPRequestParser.completed is False
+    received = inspect.getsource(waitress.channel.HTTPChannel.received)
+    assert "self.request = self.parser_class(" in received and "self.server.add_task(self)" in received
+    # Closing the listening socket alone, keeping the loop's trigger.
+    assert "self.trigger.close()" in inspect.getsource(waitress.server.BaseWSGIServer.close)
+    assert "self.del_channel()" in inspect.getsource(waitress.wasyncore.dispatcher.close)
+    assert {"timeout", "map", "use_poll", "count"} <= set(inspect.signature(waitress.wasyncore.loop).parameters)
