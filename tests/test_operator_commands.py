@@ -270,8 +270,12 @@ def test_restore_onto_a_fresh_install_creates_the_database(make_ini, start_liste
     assert run_cli("--config", str(listener.ini), "backup", str(backup)).returncode == 0
     assert listener.stop() == 0
     fresh = tmp_path / "fresh"
-    fresh.mkdir()
+    fresh.mkdir(mode=0o700)
+    os.chown(fresh, 65534, 65534)  # a new state directory of the service's user
     ini = make_ini("fresh.ini", database={"path": fresh / "db.sqlite3"})
     result = run_cli("--config", str(ini), "restore", str(backup))
     assert result.returncode == 0, result.stderr
     assert event_ids(fresh / "db.sqlite3") == {"moved"}
+    # Every file restore created there belongs to that user: serve can open them.
+    assert {(p.name, p.stat().st_uid, p.stat().st_gid) for p in fresh.iterdir()} == {
+        ("db.sqlite3", 65534, 65534), ("db.sqlite3.lock", 65534, 65534)}
