@@ -5,7 +5,10 @@ changes any of them, these fail before production does.
   ``HTTPChannel.service`` pulls the loop's trigger after a task ends.
 - graceful shutdown wraps ``ThreadedTaskDispatcher.shutdown`` and reads its
   ``queue``, ``active_count`` and ``lock``; it stops the loop by SystemExit,
-  which ``BaseWSGIServer.run`` catches; it then flushes through ``_map``.
+  which ``BaseWSGIServer.run`` catches; it closes the listening socket alone
+  and keeps running the loop over ``_map`` for requests still arriving (a
+  channel's ``request`` parser, ``headers_finished``, ``completed``); it then
+  flushes through ``_map``.
 - bad requests answered by waitress itself are logged via ``error_task_class``.
 """
 
