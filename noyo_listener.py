@@ -1614,7 +1614,8 @@ class Receiver:
         try:
             duplicate = self.store.write(None, batch_fn=store_events, item=(parsed, delivery))
         except StoreError as exc:
-            self._log_request(logging.ERROR, environ, 503, started, f"{event_fields} reason=not_stored error={log_value(str(exc))}")
+            self._log_request(logging.ERROR, environ, 503, started,
+                              f"{event_fields} reason=not_stored error={log_value(str(exc))}")
             return self._answer(503, _json_error("cannot store the event now; retry later"))
         self._log_request(logging.INFO, environ, 200, started,
                           f"{event_fields} stored={parsed.status} duplicate={int(duplicate)} "
@@ -3159,9 +3160,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     info = os.stat(path)
     migration = (f"; serve migrates it from schema version {version} to {SCHEMA_VERSION} at start"
                  if version < SCHEMA_VERSION else "")
-    print(f"restored {args.source} to {path}: {events} events, integrity ok, mode "
-          f"{info.st_mode & 0o777:04o}, owner {info.st_uid}:{info.st_gid} (like {os.path.dirname(os.path.abspath(path))})"
-          f"{migration}. Start serve again (sudo systemctl start noyo-listener).")
+    print(f"restored {args.source} to {path}: {events} events, integrity ok, mode {info.st_mode & 0o777:04o}, "
+          f"owner {info.st_uid}:{info.st_gid} like its directory{migration}. "
+          "Start serve again (sudo systemctl start noyo-listener).")
     return 0
 
 
