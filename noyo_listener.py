@@ -2567,10 +2567,12 @@ class Housekeeper:
         self.reload_requested = True
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop the chores (``wait``: and the thread, up to 5 s)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(5)
+        if wait:
+            self._thread.join(5)
 
     def _run(self) -> None:
         self._prune_if_due()
@@ -2596,8 +2598,8 @@ class Housekeeper:
         problems = self.service.self_check(timeout=self.watchdog / 2)
         if not problems:
             sd_notify("WATCHDOG=1")
-        elif time.monotonic() - self._unhealthy_logged > 30:
-            self._unhealthy_logged = time.monotonic()
+        elif time.monotonic() - self._unhealthy_logged > 30 and not self._stop.is_set():
+            self._unhealthy_logged = time.monotonic()  # (a check that met the shutdown is no news)
             logger.error("withholding the systemd watchdog ping problems=%s", json.dumps("; ".join(problems)))
 
     def _report_status(self) -> None:
@@ -2630,16 +2632,17 @@ def _idle(channel: Any) -> bool:
             and not getattr(channel, "total_outbufs_len", 0))
 
 
-def _finish_requests_at_shutdown(server: Any, grace: float) -> None:
+def _finish_requests_at_shutdown(server: Any, grace: float, on_stop: Callable[[], None]) -> None:
     """Make waitress finish the requests it has begun before it stops its threads.
 
     On SystemExit waitress calls ``task_dispatcher.shutdown()``, which lets
     running tasks finish but cancels queued ones, and its I/O loop has
     stopped, so a request whose body is still arriving is never read: both
     clients would get a closed connection. Instead, for up to ``grace``
-    seconds: stop accepting (the listening socket closes), close idle
-    keep-alive connections, and keep the loop reading the connections that
-    are receiving a request, until every request received is run. Relies on
+    seconds: call ``on_stop``, stop accepting (the listening socket
+    closes), close idle keep-alive connections, and keep the loop reading
+    the connections that are receiving a request, until every request
+    received is run. Relies on
     waitress internals (the dispatcher's ``queue``, ``active_count``,
     ``lock``; the server's ``_map``; a channel's ``request`` parser with
     ``headers_finished`` and ``completed``); tests/test_waitress_internals.py
@@ -2650,6 +2653,7 @@ def _finish_requests_at_shutdown(server: Any, grace: float) -> None:
 
     def shutdown(cancel_pending: bool = True, timeout: float = grace) -> bool:
         logger.info("stop requested; finishing requests in flight")
+        on_stop()
         # The listening socket only: the loop's trigger stays, so a task that
         # ends still wakes the loop below.
         waitress.wasyncore.dispatcher.close(server)
@@ -2705,7 +2709,13 @@ class Service:
         except OSError as exc:
             raise StoreError(f"cannot listen on {server['host']}:{server['port']}: {exc.strerror}; "
                              "is another program using the port?") from None
-        _finish_requests_at_shutdown(self.server, self.REQUESTS_GRACE)
+        _finish_requests_at_shutdown(self.server, self.REQUESTS_GRACE, self._stopping)
+
+    def _stopping(self) -> None:
+        """The stop has begun: tell systemd, and end the periodic chores now (a
+        watchdog self-check would find the port closed and cry wolf)."""
+        sd_notify("STOPPING=1")
+        self.housekeeper.stop(wait=False)
 
     @property
     def self_address(self) -> tuple[str, int]:

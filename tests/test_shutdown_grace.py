@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import time
 from pathlib import Path
 
 from conftest import event_body, signed_headers, wait_until
@@ -77,3 +78,30 @@ def test_a_request_that_stalls_past_the_grace_does_not_hold_the_stop(start_liste
     listener.wait_for_log(r"stopping with requests still arriving count=1")
     with listener.db() as conn:
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
+
+
+def test_the_watchdog_self_check_does_not_cry_wolf_during_the_grace(start_listener, tmp_path):
+    from test_lifecycle import NotifySocket
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        # A watchdog tick every 0.1 s: a self-check during the grace would find the port closed.
+        listener = start_listener(env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "300000"})
+        notify.wait_for("WATCHDOG=1")
+        body = event_body()
+        head = f"POST {listener.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in signed_headers(body).items()) + "\r\n"
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=30) as sender:
+            sender.sendall(head.encode() + body[:10])
+            wait_until(lambda: server_read_everything(listener.port, connections=1), message="the request read")
+            listener.proc.terminate()
+            stopping = notify.wait_for("STOPPING=1")  # at the start of the grace, not after it
+            time.sleep(1.0)  # a window of ten watchdog ticks inside the grace, observed, not waited for
+            assert notify.count("WATCHDOG=1", since=stopping) == 0
+            sender.sendall(body[10:])
+            response = http.client.HTTPResponse(sender)
+            response.begin()
+            assert response.status == 200
+        assert listener.proc.wait(15) == 0
+        assert "withholding the systemd watchdog ping" not in listener.log()
+    finally:
+        notify.close()
