@@ -1233,7 +1233,8 @@ def check_backup(source: str) -> tuple[int, int]:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] if "events" in tables else 0
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{source} is not a readable SQLite database ({exc}); nothing was changed") from None
+        raise StoreError(f"{source} cannot be read as a SQLite database ({exc}): it is damaged or not a "
+                         "backup; nothing was changed") from None
     finally:
         conn.close()
     if problems != ["ok"]:

@@ -242,14 +242,14 @@ def _missing(path: Path) -> None:
     (_newer_schema, "newer than this program's"),
     (_truncated, ""),
     (_not_ours, "not a noyo-listener database"),
-    (_not_sqlite, "not a readable SQLite database"),
+    (_not_sqlite, "cannot be read as a SQLite database"),
     (_missing, "does not exist"),
 ])
 def test_restore_refuses_a_bad_backup_and_changes_nothing(start_listener, tmp_path, spoil, expected):
     listener = start_listener()
     listener.send(event_body(event_id="kept"))
-    for number in range(200):  # enough pages that half a file is missing some
-        listener.send(event_body(event_id=f"filler-{number}", padding="x" * 500))
+    for number in range(50):  # enough pages that half a file is missing some
+        listener.send(event_body(event_id=f"filler-{number}", padding="x" * 2000))
     backup = tmp_path / "backup.sqlite3"
     assert run_cli("--config", str(listener.ini), "backup", str(backup)).returncode == 0
     assert listener.stop() == 0
