@@ -1019,9 +1019,30 @@ def prune(store: "Store", dedupe_days: int, include_dead: bool = False, now: flo
         total_deliveries += deliveries
         if events < PRUNE_BATCH and deliveries < PRUNE_BATCH:
             break
-    store.write(lambda conn: conn.execute("PRAGMA incremental_vacuum").fetchall())
+    vacuum_in_steps(store)
     store.checkpoint()
     return total_events, total_deliveries
+
+
+VACUUM_STEP_PAGES = 256  # pages given back per transaction: each step is a short write
+
+
+def vacuum_in_steps(store: "Store", max_steps: int = 1_000_000) -> int:
+    """Give free pages back to the file system a few at a time, each step its
+    own short transaction, so intake never waits behind one long vacuum."""
+    freed = 0
+    for _ in range(max_steps):
+        def step(conn: sqlite3.Connection) -> int:
+            before = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if before:
+                conn.execute(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})").fetchall()
+            return before - conn.execute("PRAGMA freelist_count").fetchone()[0]
+
+        done = store.write(step)
+        if done <= 0:
+            break
+        freed += done
+    return freed
 
 
 class InstanceLock:
@@ -1266,15 +1287,58 @@ class RequestPolicy:
                    settings["server"]["max_body_bytes"], frozenset(settings.fetch))
 
 
+class SharedCheck:
+    """Single-flight: one call of ``check`` runs at a time; callers that arrive
+    meanwhile wait for it and share its result, which stays fresh for
+    ``fresh`` seconds. A caller that waits longer than ``wait`` gets a
+    problem saying so (the check itself is then stuck)."""
+
+    def __init__(self, check: Callable[[], list[str]], fresh: float, wait: float) -> None:
+        self.check = check
+        self.fresh = fresh
+        self.wait = wait
+        self._lock = threading.Lock()
+        self._result: tuple[float, list[str]] | None = None  # (monotonic when finished, problems)
+        self._running: threading.Event | None = None
+
+    def verdict(self) -> list[str]:
+        with self._lock:
+            result = self._result
+            if result is not None and time.monotonic() - result[0] < self.fresh:
+                return list(result[1])
+            running = self._running
+            leader = running is None
+            if leader:
+                running = self._running = threading.Event()
+        assert running is not None
+        if not leader:
+            if not running.wait(self.wait):
+                return [f"health check did not finish within {self.wait:g}s"]
+            with self._lock:
+                return list(self._result[1]) if self._result else ["health check failed"]
+        try:
+            problems = self.check()
+        except Exception as exc:  # noqa: BLE001 - every waiter needs an answer
+            problems = [f"health check failed: {exc.__class__.__name__}: {exc}"]
+        with self._lock:
+            self._result = (time.monotonic(), problems)
+            self._running = None
+        running.set()
+        return list(problems)
+
+
 class Receiver:
     """The webhook route and the health check, as a Bottle app."""
+
+    HEALTH_FRESH = 1.0  # seconds one health verdict is shared
 
     def __init__(self, settings: Settings, store: Store, worker: "Worker | None" = None) -> None:
         self.store = store
         self.worker = worker
         self.path = settings["server"]["path"]
         self.policy = RequestPolicy.from_settings(settings)
-        self._health_write = threading.Lock()
+        self._health = SharedCheck(self._check_health, fresh=self.HEALTH_FRESH,
+                                   wait=store.busy_timeout * 2 + 5)
         self.app = self._build_app()
 
     def _build_app(self) -> bottle.Bottle:
@@ -1351,22 +1415,24 @@ class Receiver:
         return self._answer(200, _OK_DUPLICATE if duplicate else _OK)
 
     def health_problems(self) -> list[str]:
-        """Why the service is unhealthy (empty when a write commits and the worker progresses)."""
+        """Why the service is unhealthy (empty when a write commits and the worker progresses).
+
+        Concurrent callers share one check in flight, and its verdict for
+        HEALTH_FRESH seconds after: any number of probes (the watchdog's
+        included) cost one commit and get the same answer.
+        """
+        return self._health.verdict()
+
+    def _check_health(self) -> list[str]:
         problems = []
         if not self.store.writer_alive():
             problems.append("database writer thread is not running")
-        # One health write at a time: probes against a stuck disk must not
-        # pile up and take every HTTP thread.
-        elif self._health_write.acquire(blocking=False):
+        else:
             try:
                 self.store.write(lambda conn: set_meta(conn, "healthz_at", utc_iso()),
                                  timeout=self.store.busy_timeout + 2)
             except StoreError as exc:
                 problems.append(f"database not writable: {exc}")
-            finally:
-                self._health_write.release()
-        else:
-            problems.append("database not writable: the previous health check's write has not finished")
         if self.worker is not None:
             stalled = self.worker.stalled()
             if stalled:
@@ -1458,33 +1524,52 @@ def create_http_server(settings: Settings, app: Callable) -> Any:
 
 
 class FetchError(Exception):
-    """A fetch failed. ``kind`` tells the worker how to react:
-
-    ``transient`` (network, timeout, 5xx, a broken answer), ``rate_limited``
-    (429), ``not_found`` (404: maybe not visible yet), ``auth`` (credentials
-    wrong: pause everything, do not burn attempts).
-    """
+    """A failed API exchange. ``kind`` names what failed, one of FETCH_FAILURES;
+    what that means for the event and for the API is FAILURE_POLICY's to say."""
 
     def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
+        assert kind in FETCH_FAILURES, kind
         self.kind = kind
         self.retry_after = retry_after
 
 
+# What can fail in an exchange with the API (a small fixed set: logs and
+# metrics use these names).
+FETCH_FAILURES = (
+    "transient",     # connection refused/reset, timeout, 5xx, a 2xx body that is not JSON at all
+    "rate_limited",  # 429
+    "credentials",   # the token endpoint refused client_id/client_secret
+    "not_found",     # object GET answered 404 (maybe not visible yet)
+    "refused",       # object GET answered 403, 400, 410, 422, or 401 with a fresh token
+    "not_object",    # the answer is JSON, but not an object
+)
+
+# Object answers that no retry will change: the event is dead until an operator acts.
+_REFUSED_OBJECT_STATUSES = {400: "Bad Request", 403: "Forbidden", 410: "Gone", 422: "Unprocessable Entity"}
+
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() accepts "²", which float() refuses
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date).
+
+    None when absent or malformed; never raises, whatever the header holds
+    (the caller caps the result at ``backoff_max``).
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DIGITS.fullmatch(value):
+        return float(min(int(value[:30]), 10**12)) if len(value) <= 30 else 1e12
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def token_lifetime(expires_in: Any) -> float:
@@ -1509,7 +1594,7 @@ def unwrap_object(data: Any, expected_id: str) -> dict:
     if isinstance(data, dict) and "id" not in data and isinstance(data.get("response"), dict):
         data = data["response"]
     if not isinstance(data, dict):
-        raise FetchError("transient", "answer is not a JSON object")
+        raise FetchError("not_object", f"answer is JSON but not an object ({type(data).__name__})")
     if "id" not in data:
         raise FetchError("transient", "answer has no id")
     if str(data["id"]) != expected_id:
@@ -1581,45 +1666,95 @@ class _HttpPool:
             return response.status, {k.lower(): v for k, v in response.getheaders()}, data
 
 
+class _TokenRefresh:
+    """One token request in flight; the threads that need a token meanwhile
+    wait for it and share its result, success or failure."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.token: str | None = None
+        self.error: FetchError | None = None
+
+
 class NoyoClient:
-    """Fetches objects from Noyo's REST API with a shared, refreshed token."""
+    """Talks to Noyo's REST API with a shared, refreshed token.
+
+    Every failure is raised as a FetchError whose ``kind`` FAILURE_POLICY
+    interprets; this class only says what happened.
+    """
 
     def __init__(self, settings: Settings) -> None:
         api = settings["noyo_api"]
         self.token_url = api["token_url"]
+        self.timeout = api["timeout"]
         self._basic = "Basic " + base64.b64encode(f"{api['client_id']}:{api['client_secret']}".encode()).decode()
         self._http = _HttpPool(api["timeout"])
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the fields below; never held across I/O
         self._token: str | None = None
         self._token_expires = 0.0
+        self._refresh: _TokenRefresh | None = None
 
     def _token_for(self, stale: str | None = None) -> str:
-        """A valid token; ``stale`` is one the API just refused (refresh it once)."""
+        """A valid token; ``stale`` is one the API just refused (refresh it once).
+
+        Single-flight: one thread requests a token, the others that need one
+        meanwhile wait for that request and share its answer.
+        """
         with self._lock:
             if self._token and self._token != stale and time.monotonic() < self._token_expires:
                 return self._token
-            self._token = None
-            try:
-                status, headers, body = self._http.request("POST", self.token_url, {
-                    "Authorization": self._basic, "Content-Type": "application/json",
-                    "Accept": "application/json", "User-Agent": USER_AGENT,
-                }, b'{"grant_type": "client_credentials"}')
-            except (http.client.HTTPException, OSError) as exc:
-                raise FetchError("transient", f"token request failed: {exc.__class__.__name__}: {exc}") from None
-            if status in (400, 401, 403):
-                raise FetchError("auth", f"token endpoint {self.token_url} answered {status}; "
-                                 "check [noyo_api] client_id and client_secret")
-            self._raise_for_status(status, headers, f"token endpoint {self.token_url}")
-            try:
-                answer = json.loads(body)
-            except ValueError:
-                answer = None
-            token = answer.get("access_token") if isinstance(answer, dict) else None
-            if not isinstance(token, str) or not token:
-                raise FetchError("transient", "token endpoint answered without an access_token")
-            self._token = token
-            self._token_expires = time.monotonic() + token_lifetime(answer.get("expires_in"))
+            refresh = self._refresh
+            leader = refresh is None
+            if leader:
+                refresh = self._refresh = _TokenRefresh()
+                self._token = None
+        assert refresh is not None
+        if not leader:
+            if not refresh.done.wait(self.timeout + 5):
+                raise FetchError("transient", "token request of another thread did not finish")
+            if refresh.error is not None:
+                raise refresh.error
+            assert refresh.token is not None
+            return refresh.token
+        try:
+            token, lifetime = self._request_token()
+        except FetchError as error:
+            refresh.error = error
+            raise
+        except Exception as exc:  # noqa: BLE001 - waiters must be answered whatever happened
+            refresh.error = FetchError("transient", f"token request failed: {exc.__class__.__name__}")
+            raise refresh.error from exc
+        else:
+            refresh.token = token
+            with self._lock:
+                self._token, self._token_expires = token, time.monotonic() + lifetime
             return token
+        finally:
+            with self._lock:
+                self._refresh = None
+            refresh.done.set()
+
+    def _request_token(self) -> tuple[str, float]:
+        """POST the client credentials; the token and how long to trust it."""
+        try:
+            status, headers, body = self._http.request("POST", self.token_url, {
+                "Authorization": self._basic, "Content-Type": "application/json",
+                "Accept": "application/json", "User-Agent": USER_AGENT,
+            }, b'{"grant_type": "client_credentials"}')
+        except (http.client.HTTPException, OSError) as exc:
+            raise FetchError("transient", f"token request failed: {exc.__class__.__name__}: {exc}") from None
+        if status in (400, 401, 403):
+            raise FetchError("credentials", f"token endpoint {self.token_url} answered {status}; "
+                             "check [noyo_api] client_id and client_secret")
+        self._raise_for_status(status, headers, f"token endpoint {self.token_url}")
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        token = answer.get("access_token") if isinstance(answer, dict) else None
+        if not isinstance(token, str) or not token:
+            raise FetchError("transient", "token endpoint answered without an access_token")
+        return token, token_lifetime(answer.get("expires_in"))
 
     @staticmethod
     def _raise_for_status(status: int, headers: dict[str, str], what: str) -> None:
@@ -1628,12 +1763,10 @@ class NoyoClient:
         retry_after = parse_retry_after(headers.get("retry-after"))
         if status == 429:
             raise FetchError("rate_limited", f"{what} answered 429 Too Many Requests", retry_after)
-        if status == 404:
-            raise FetchError("not_found", f"{what} answered 404 Not Found")
         raise FetchError("transient", f"{what} answered HTTP {status}", retry_after)
 
-    def fetch(self, url: str, object_id: str) -> dict:
-        """GET the object at ``url``; it must carry ``id == object_id``."""
+    def get_json(self, url: str) -> Any:
+        """GET ``url`` with a token (refreshed once on a 401); the parsed JSON answer."""
         token = self._token_for()
         for retry_on_401 in (True, False):
             try:
@@ -1645,16 +1778,24 @@ class NoyoClient:
             if status == 401 and retry_on_401:
                 token = self._token_for(stale=token)
                 continue
-            if status in (401, 403):
-                raise FetchError("auth", f"API answered {status} with a fresh token; "
-                                 "check that [noyo_api] client_id may read this object")
+            if status == 401:
+                raise FetchError("refused", "API answered 401 Unauthorized with a fresh token; check that "
+                                 "[noyo_api] client_id may read this object, then requeue")
+            if status in _REFUSED_OBJECT_STATUSES:
+                raise FetchError("refused", f"API answered {status} {_REFUSED_OBJECT_STATUSES[status]} for this "
+                                 "object; fix the cause (access, [fetch] URL), then requeue")
+            if status == 404:
+                raise FetchError("not_found", "API answered 404 Not Found")
             self._raise_for_status(status, headers, "API")
             try:
-                data = json.loads(body)
+                return json.loads(body)
             except ValueError:
                 raise FetchError("transient", "answer is not JSON") from None
-            return unwrap_object(data, object_id)
         raise AssertionError("unreachable")
+
+    def fetch(self, url: str, object_id: str) -> dict:
+        """GET the object at ``url``; it must carry ``id == object_id``."""
+        return unwrap_object(self.get_json(url), object_id)
 
 
 # --- Worker ----------------------------------------------------------------
@@ -1744,13 +1885,16 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: list[str], fetched_at: str) -> None:
+def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: list[str], fetched_at: str,
+                     source: str = "fetch", event_type: str | None = None) -> str:
     """Merge a fetched difference and the events that asked for it into its row.
 
     The result does not depend on the order of events and fetches: the row
     keeps the newest object (a fetch with an older ``modified`` never wins),
     the ``replaced`` flag only ever turns on, and ``last_event_type`` is the
-    type of the newest event by ``created``.
+    type of the newest event by ``created``. ``source`` says who brought the
+    object (``fetch`` or ``sync``). Returns what the object did to the row:
+    ``new``, ``updated``, or ``unchanged`` (an older or identical object).
     """
     diff_id = str(obj["id"])
     row = conn.execute("SELECT body, replaced, replaced_by, last_event_type, last_event_created, fetched_at "
@@ -1759,21 +1903,23 @@ def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: 
     replaced, replaced_by = (bool(row[1]), row[2]) if row else (False, None)
     last_type, last_created = (row[3], row[4]) if row else (None, None)
 
-    placeholders = ", ".join("?" * len(event_ids))
-    for event_type, created, payload in conn.execute(
-            f"SELECT type, created, payload FROM events WHERE event_id IN ({placeholders})", event_ids):
-        if event_type == "difference.replaced":
-            replaced = True
-            try:
-                data = json.loads(payload).get("data")
-            except (ValueError, AttributeError):
-                data = None
-            replaced_by = replaced_by or find_replaced_by(data)
-        if last_type is None or event_order(created, event_type) >= event_order(last_created, last_type):
-            last_type, last_created = event_type, created
+    if event_ids:
+        placeholders = ", ".join("?" * len(event_ids))
+        for event_type_, created, payload in conn.execute(
+                f"SELECT type, created, payload FROM events WHERE event_id IN ({placeholders})", event_ids):
+            if event_type_ == "difference.replaced":
+                replaced = True
+                try:
+                    data = json.loads(payload).get("data")
+                except (ValueError, AttributeError):
+                    data = None
+                replaced_by = replaced_by or find_replaced_by(data)
+            if last_type is None or event_order(created, event_type_) >= event_order(last_created, last_type):
+                last_type, last_created = event_type_, created
 
-    if stored is not None and newness(obj) < newness(stored):
-        obj, body, fetched_at = stored, row[0], row[5]  # an older fetch: keep the newer object we have
+    result = _compare_with_stored(obj, stored)
+    if result == "unchanged" and stored is not None:
+        obj, body, fetched_at = stored, row[0], row[5]  # keep the newer (or same) object we have
     replaced_by = find_replaced_by(obj) or replaced_by
     conn.execute(_UPSERT_DIFFERENCE, (
         diff_id, difference_state(obj, replaced), _scalar(obj.get("resolved")), _scalar(obj.get("discrepancy_time")),
@@ -1782,20 +1928,42 @@ def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: 
         _scalar(obj.get("difference_classification")), last_type, last_created, int(replaced), replaced_by,
         fetched_at, body,
     ))
+    return result
 
 
-def apply_resource(conn: sqlite3.Connection, kind: str, obj: dict, body: str, fetched_at: str) -> None:
-    """Keep the newest fetched state of any other kind in ``resources``."""
+def _compare_with_stored(obj: dict, stored: dict | None) -> str:
+    """``new`` (no row), ``unchanged`` (older or identical), or ``updated``."""
+    if stored is None:
+        return "new"
+    if newness(obj) < newness(stored) or obj == stored:
+        return "unchanged"
+    return "updated"
+
+
+def apply_resource(conn: sqlite3.Connection, kind: str, obj: dict, body: str, fetched_at: str,
+                   source: str = "fetch", event_type: str | None = None) -> str:
+    """Keep the newest fetched state of any other kind in ``resources``;
+    returns ``new``, ``updated`` or ``unchanged`` as apply_difference does."""
     object_id = str(obj["id"])
     row = conn.execute("SELECT body FROM resources WHERE kind = ? AND id = ?", (kind, object_id)).fetchone()
-    if row is not None and newness(obj) < newness(json.loads(row[0])):
-        return
+    result = _compare_with_stored(obj, json.loads(row[0]) if row else None)
+    if result == "unchanged":
+        return result
     conn.execute(
         "INSERT INTO resources (kind, id, modified, fetched_at, body) VALUES (?, ?, ?, ?, ?) "
         "ON CONFLICT (kind, id) DO UPDATE SET modified = excluded.modified, "
         "fetched_at = excluded.fetched_at, body = excluded.body",
         (kind, object_id, _scalar(obj.get("modified")), fetched_at, body),
     )
+    return result
+
+
+def apply_object(conn: sqlite3.Connection, kind: str, obj: dict, body: str, event_ids: list[str],
+                 fetched_at: str, source: str = "fetch", event_type: str | None = None) -> str:
+    """Store one object from the API, whoever brought it (a fetch or a sync pass)."""
+    if kind == "difference":
+        return apply_difference(conn, obj, body, event_ids, fetched_at, source=source, event_type=event_type)
+    return apply_resource(conn, kind, obj, body, fetched_at, source=source, event_type=event_type)
 
 
 @dataclasses.dataclass
@@ -1804,7 +1972,7 @@ class _Claim:
 
     kind: str
     data_id: str | None
-    events: list[tuple[str, int]]  # (event_id, attempts including this one)
+    events: list[tuple[str, int]]  # (event_id, attempts spent before this one)
     probe: bool = False  # dispatched as the single probe of a failing API
 
     @property
@@ -1812,15 +1980,100 @@ class _Claim:
         return (self.kind, self.data_id)
 
 
+# --- Worker: the failure policy ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What one kind of failed exchange means (a row of SPEC's failure table).
+
+    ``event``: ``retry`` (backoff, spends an attempt, dead at max_attempts),
+    ``dead`` (at once: no retry can help), ``wait`` (until the API pause
+    ends, spends nothing). ``api``: ``failing`` (counts toward the API-wide
+    pause), ``auth_failed`` (pauses everything now), ``answered`` (the API
+    works; this object is the problem).
+    """
+
+    event: str
+    api: str
+
+
+FAILURE_POLICY: dict[str, Verdict] = {
+    "transient": Verdict("retry", "failing"),
+    "rate_limited": Verdict("retry", "failing"),
+    "credentials": Verdict("wait", "auth_failed"),
+    "not_found": Verdict("retry", "answered"),
+    "refused": Verdict("dead", "answered"),
+    "not_object": Verdict("dead", "answered"),
+}
+
+# The outcome of one fetch, as logs and metrics name it: a small fixed set.
+FETCH_OUTCOMES = ("ok", *FETCH_FAILURES)
+
+STOPPED_DURING_FETCH = "process stopped during fetch"
+
+
+@dataclasses.dataclass(frozen=True)
+class EventOutcome:
+    """What becomes of one event after an exchange: its row's new values."""
+
+    status: str  # done | pending | dead
+    spent: int  # attempts this exchange cost (0 or 1)
+    due: float | None  # next_attempt_at, unix seconds (pending only)
+    last_error: str | None
+
+
+class FailurePolicy:
+    """The one place that turns an exchange's result into an event's fate
+    and counts attempts (FAILURE_POLICY says what each failure means)."""
+
+    def __init__(self, max_attempts: int, backoff_initial: float, backoff_max: float) -> None:
+        self.max_attempts = max_attempts
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+
+    @staticmethod
+    def classify(error: FetchError) -> Verdict:
+        return FAILURE_POLICY[error.kind]
+
+    def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """Seconds before attempt ``attempts + 1``: between 0.5x and 1x of
+        ``min(backoff_max, backoff_initial * 2^(attempts-1))``, or longer when
+        ``Retry-After`` asks, up to ``backoff_max``."""
+        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(max(attempts, 1) - 1, 60))
+        delay = random.uniform(ceiling / 2, ceiling)
+        if retry_after is not None and math.isfinite(retry_after) and retry_after > delay:
+            delay = min(retry_after, self.backoff_max)
+        return delay
+
+    def decide(self, event: str, attempts_before: int, reason: str | None, now: float,
+               retry_after: float | None = None, wait_until: float | None = None) -> EventOutcome:
+        """``event`` is ``done``, a Verdict's ``retry``/``dead``/``wait``; attempts are counted here only."""
+        if event == "wait":
+            return EventOutcome("pending", 0, max(now, wait_until or now), reason)
+        attempts = attempts_before + 1
+        if event == "done":
+            return EventOutcome("done", 1, None, None)
+        if event == "dead":
+            return EventOutcome("dead", 1, None, reason)
+        if attempts >= self.max_attempts:
+            return EventOutcome("dead", 1, None, f"gave up after {attempts} attempts: {reason}")
+        return EventOutcome("pending", 1, now + self.retry_delay(attempts, retry_after), reason)
+
+
 class ApiHealth:
     """Whether the Noyo API as a whole is usable, and when to try it again.
 
-    Several failures in a row across different objects mean the API, not an
-    object, is the problem: then nothing is dispatched until a pause ends,
-    and after it a single probe decides. The first success resumes full speed.
+    Failures that FAILURE_POLICY says count (``failing``) from several
+    different objects in a row mean the API, not an object, is the problem:
+    then nothing is dispatched until a pause ends, and after it a single
+    probe decides. The first answer resumes full speed. ``state`` is the one
+    place to read the API's state: ``healthy``, ``backing_off`` or
+    ``auth_failed``.
     """
 
-    FAILURES_BEFORE_PAUSE = 3
+    STATES = ("healthy", "backing_off", "auth_failed")
+    FAILURES_BEFORE_PAUSE = 3  # different objects failing in a row
     LOG_EVERY = 30.0
     # Probe at least once a minute, whatever backoff_max says: a down API then
     # sees a request a minute, and a recovered one is used within a minute.
@@ -1829,77 +2082,222 @@ class ApiHealth:
     def __init__(self, backoff_initial: float, backoff_max: float) -> None:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.longest_pause = min(backoff_max, self.MAX_PROBE_INTERVAL)
         self.lock = threading.Lock()
-        self.state = "healthy"  # healthy | backing_off | auth_failed
-        self.consecutive_failures = 0
+        self.state = "healthy"
+        self.failing_objects: set = set()  # objects that failed since the last answer
         self.pause = 0.0
         self.paused_until = 0.0
         self.last_error = ""
         self._last_log = 0.0
         self.changed = False  # set when `status` should learn the new state
 
+    @property
+    def consecutive_failures(self) -> int:
+        return len(self.failing_objects)
+
     def probing(self) -> bool:
         return self.state != "healthy"
 
     def success(self) -> None:
+        """The API answered (whatever it said about the object)."""
         with self.lock:
             if self.state != "healthy":
-                logger.info("noyo api recovered state=healthy after_failures=%d", self.consecutive_failures)
+                logger.info("noyo api recovered state=healthy after_failures=%d", len(self.failing_objects))
                 self.changed = True
-            self.state, self.consecutive_failures, self.pause, self.paused_until = "healthy", 0, 0.0, 0.0
+            self.state, self.pause, self.paused_until = "healthy", 0.0, 0.0
+            self.failing_objects.clear()
 
-    def failure(self, error: FetchError) -> None:
+    def record(self, error: FetchError, key: Any) -> None:
+        """Account one failed exchange about object ``key`` as FAILURE_POLICY says."""
+        verdict = FailurePolicy.classify(error).api
+        if verdict == "answered":
+            self.success()
+        elif verdict == "auth_failed":
+            self._credentials_refused(error)
+        else:
+            self._failure(error, key)
+
+    def _credentials_refused(self, error: FetchError) -> None:
         now = time.time()
         with self.lock:
             self.last_error = str(error)
-            if error.kind == "auth":
-                self.state = "auth_failed"
-                self.paused_until = now + self.backoff_max
+            self.paused_until = now + self.longest_pause
+            if self.state != "auth_failed":
                 self.changed = True
-                logger.error("noyo api refused our credentials; fetching paused until %s. Fix [noyo_api] client_id/"
-                             "client_secret (or NOYO_CLIENT_ID/NOYO_CLIENT_SECRET) and restart. error=%s",
+                self._last_log = 0.0
+            self.state = "auth_failed"
+            if now - self._last_log >= self.LOG_EVERY:
+                self._last_log = now
+                logger.error("noyo api refused our credentials; fetching paused until %s (then a probe). Fix [noyo_api] "
+                             "client_id/client_secret (or NOYO_CLIENT_ID/NOYO_CLIENT_SECRET) and restart. error=%s",
                              utc_iso(self.paused_until), error)
+
+    def _failure(self, error: FetchError, key: Any) -> None:
+        now = time.time()
+        with self.lock:
+            self.last_error = str(error)
+            self.failing_objects.add(key)
+            retry_after = error.retry_after if error.retry_after and math.isfinite(error.retry_after) else 0.0
+            if len(self.failing_objects) < self.FAILURES_BEFORE_PAUSE and not retry_after:
                 return
-            self.consecutive_failures += 1
-            retry_after = error.retry_after or 0.0
-            if self.consecutive_failures < self.FAILURES_BEFORE_PAUSE and not retry_after:
-                return
-            if self.consecutive_failures >= self.FAILURES_BEFORE_PAUSE:
-                ceiling = min(self.backoff_max, self.MAX_PROBE_INTERVAL)
-                self.pause = min(ceiling, max(self.backoff_initial, self.pause * 2))
-            wait = max(retry_after, self.pause / 2 + random.uniform(0, self.pause / 2))
+            if len(self.failing_objects) >= self.FAILURES_BEFORE_PAUSE:
+                self.pause = min(self.longest_pause, max(self.backoff_initial, self.pause * 2))
+            wait = max(min(retry_after, self.longest_pause), self.pause / 2 + random.uniform(0, self.pause / 2))
             self.paused_until = max(self.paused_until, now + wait)
-            if self.state != "backing_off":
+            if self.state == "healthy":
                 self.changed = True
-            self.state = "backing_off"
+                self.state = "backing_off"
             if now - self._last_log >= self.LOG_EVERY:
                 self._last_log = now
                 logger.warning("noyo api failing; backing off until %s consecutive_errors=%d error=%s",
-                               utc_iso(self.paused_until), self.consecutive_failures, error)
+                               utc_iso(self.paused_until), len(self.failing_objects), error)
 
     def snapshot(self) -> dict:
         with self.lock:
             return {"state": self.state, "until": utc_iso(self.paused_until) if self.state != "healthy" else None,
-                    "consecutive_failures": self.consecutive_failures, "last_error": self.last_error or None}
+                    "consecutive_failures": len(self.failing_objects), "last_error": self.last_error or None}
+
+
+class _OncePer:
+    """Log a repeating failure once per cause and ``seconds``."""
+
+    def __init__(self, seconds: float = 30.0) -> None:
+        self.seconds = seconds
+        self._last: dict[str, float] = {}
+
+    def due(self, cause: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(cause, float("-inf")) < self.seconds:
+            return False
+        if len(self._last) > 100:
+            self._last.clear()  # bounded, whatever the causes
+        self._last[cause] = now
+        return True
+
+
+# --- Worker: recording outcomes ---
+
+
+class OutcomeRecorder:
+    """Writes what became of each claim, and frees the claim once committed.
+
+    A fetch thread hands its outcome to the writer and goes on to its next
+    GET; the recorder thread waits for each commit and only then releases the
+    object for new claims (and logs it), so an fsync never delays a GET.
+    """
+
+    _SETTLE = ("UPDATE events SET status = ?, attempts = attempts + ?, next_attempt_at = ?, last_error = ?, "
+               "processed_at = ?, lease_until = NULL WHERE event_id = ? AND status = 'pending'")
+
+    def __init__(self, store: Store, release: Callable[[_Claim], None]) -> None:
+        self.store = store
+        self.release = release
+        self._outcomes: queue.SimpleQueue = queue.SimpleQueue()  # (write job, claim, log line) to see committed
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="noyo-recorder", daemon=True)
+        self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._outcomes.put(_STOP)  # after every outcome the fetchers handed over
+            self._thread.join(timeout)
+
+    @classmethod
+    def settle_rows(cls, conn: sqlite3.Connection, rows: list[tuple[str, EventOutcome]]) -> None:
+        """Write each (event_id, outcome) to its events row."""
+        stamp = utc_iso()
+        conn.executemany(cls._SETTLE, [
+            (o.status, o.spent, utc_iso(o.due) if o.due is not None else None, o.last_error,
+             stamp if o.status != "pending" else None, event_id) for event_id, o in rows])
+
+    def fetched(self, claim: _Claim, obj: dict, outcome: EventOutcome, started: float) -> bool:
+        """The object arrived: store it and mark its events done."""
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        event_ids = [event_id for event_id, _ in claim.events]
+        fetched_at = utc_iso()
+
+        def record(conn: sqlite3.Connection) -> None:
+            apply_object(conn, claim.kind, obj, body, event_ids, fetched_at, source="fetch")
+            self.settle_rows(conn, [(event_id, outcome) for event_id in event_ids])
+            set_meta(conn, "last_fetch_ok_at", fetched_at)
+
+        return self.submit(claim, record, (
+            logging.INFO, "object fetched kind=%s id=%s events=%d ms=%.1f", claim.kind, claim.data_id,
+            len(event_ids), (time.monotonic() - started) * 1000))
+
+    def failed(self, claim: _Claim, error: FetchError, rows: list[tuple[str, EventOutcome]]) -> bool:
+        dead = sum(1 for _, o in rows if o.status == "dead")
+        return self.submit(claim, lambda conn: self.settle_rows(conn, rows), (
+            logging.ERROR if dead else logging.WARNING, "fetch failed kind=%s id=%s events=%d dead=%d error=%s",
+            claim.kind, claim.data_id, len(rows), dead, f"{error.kind}: {error}"))
+
+    def given_back(self, claim: _Claim, rows: list[tuple[str, EventOutcome]]) -> bool:
+        return self.submit(claim, lambda conn: self.settle_rows(conn, rows))
+
+    def submit(self, claim: _Claim, fn: Callable[[sqlite3.Connection], None], line: tuple | None = None) -> bool:
+        """Queue an outcome for the writer; the recorder frees ``claim`` and
+        logs ``line`` once it is committed. False if it could not be queued."""
+        try:
+            job = self.store.submit(fn)
+        except StoreError as exc:
+            logger.error("worker cannot record a fetch outcome error=%s", exc)
+            return False
+        self._outcomes.put((job, claim, line))
+        return True
+
+    def _run(self) -> None:
+        while True:
+            item = self._outcomes.get()
+            if item is _STOP:
+                return
+            job, claim, line = item
+            try:
+                self.store.result_of(job)
+                if line:
+                    logger.log(*line)
+            except StoreError as exc:
+                # The lease returns these events; they are fetched again later.
+                logger.error("worker cannot record a fetch outcome error=%s", exc)
+            except Exception:  # noqa: BLE001 - the recorder must outlive one bad line
+                logger.exception("worker recorder failed kind=%s id=%s", claim.kind, claim.data_id)
+            finally:
+                self.release(claim)
+
+
+# --- Worker: scheduling and fetching ---
 
 
 class Worker:
     """Drains the inbox: fetches each referenced object and records its state.
 
-    One scheduler thread picks due events, groups those that point at the
-    same object (one GET serves them all), claims them with a lease and hands
-    them to ``concurrency`` fetch threads. It keeps one claimed object queued
-    per fetch thread, so a thread that finishes starts its next GET at once
-    instead of waiting for a scheduler cycle (a read and a commit): one cycle
-    per finished fetch capped the drain at about 60% of concurrency / latency.
-    A fetch thread hands its outcome to the writer and goes on to its next
-    GET; a recorder thread waits for each commit and only then frees the
-    object for new claims (and logs it), so an fsync never delays a GET.
-    It sleeps until it is woken (a new event, a finished fetch) or the next
-    event is due.
+    Scheduling: one thread picks due events, groups those that point at the
+    same object (one GET serves them all), claims them with a lease and
+    hands them to ``concurrency`` fetch threads. It keeps one claimed object
+    queued per fetch thread, so a thread that finishes starts its next GET at
+    once instead of waiting for a scheduler cycle (a read and a commit): one
+    cycle per finished fetch capped the drain at about 60% of concurrency /
+    latency. It sleeps until it is woken (a new event, a finished fetch), the
+    next event is due, or another process committed (a `requeue`).
+
+    Fetching: a fetch thread GETs the object and asks FailurePolicy what a
+    failure means; OutcomeRecorder writes the result; ApiHealth pauses
+    everything when the API, not an object, is failing.
     """
 
-    MAX_SLEEP = 30.0  # also bounds how long a `requeue` from the CLI waits
+    MAX_SLEEP = 30.0
+    # How often the scheduler looks for commits by other processes (`requeue`):
+    # one PRAGMA data_version per look.
+    REQUEUE_POLL = 1.0
     # Due rows read per look: a wide window is what lets a burst's events for
     # one object share a GET even when other objects' events sit between them
     # (bench: 0.33 fetches per event; a 100-row window gave 1.00).
@@ -1911,6 +2309,7 @@ class Worker:
         self.client = client
         worker = settings["worker"]
         self.concurrency = worker["concurrency"]
+        self.policy = FailurePolicy(worker["max_attempts"], worker["backoff_initial"], worker["backoff_max"])
         self.max_attempts = worker["max_attempts"]
         self.backoff_initial = worker["backoff_initial"]
         self.backoff_max = worker["backoff_max"]
@@ -1920,40 +2319,52 @@ class Worker:
         # it may wait behind one other fetch before its own starts.
         self.lease = 2 * self.fetch_deadline + 30
         self.health = ApiHealth(self.backoff_initial, self.backoff_max)
+        self.recorder = OutcomeRecorder(store, self._release)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._inflight: dict[tuple[str, str | None], float] = {}  # claimed key -> monotonic claim or start
         self.capacity = 2 * self.concurrency  # claims fetching or queued for a fetch thread
         self._inflight_lock = threading.Lock()
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self._outcomes: queue.SimpleQueue = queue.SimpleQueue()  # (write job, claim, log line) to see committed
-        self._recorder: threading.Thread | None = None
         self._thread: threading.Thread | None = None
         self._fetchers: list[threading.Thread] = []
+        self._errors = _OncePer(30.0)
         self.last_progress = time.monotonic()
+
+    def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """See FailurePolicy.retry_delay."""
+        return self.policy.retry_delay(attempts, retry_after)
 
     # Lifecycle
 
     def start(self) -> None:
-        """Return leases a previous process left behind, then start the threads."""
-        now_iso = utc_iso()
-        returned = self.store.write(lambda conn: conn.execute(
-            "UPDATE events SET next_attempt_at = ?, lease_until = NULL "
-            "WHERE status = 'pending' AND lease_until IS NOT NULL", (now_iso,)).rowcount)
-        if returned:
-            logger.info("worker took back events leased by a previous run count=%d", returned)
+        """Settle what a previous process left in flight, then start the threads."""
+        self.store.write(self._settle_abandoned_leases)
         if self.client is None:
             logger.warning("fetching is off: set [noyo_api] client_id and client_secret (or NOYO_CLIENT_ID and "
                            "NOYO_CLIENT_SECRET) to fetch objects; events are stored and wait as pending")
         self._publish_state(force=True)
         self._thread = threading.Thread(target=self._run, name="noyo-worker", daemon=True)
         self._thread.start()
-        self._recorder = threading.Thread(target=self._record_loop, name="noyo-recorder", daemon=True)
-        self._recorder.start()
+        self.recorder.start()
         for number in range(self.concurrency):
             fetcher = threading.Thread(target=self._fetch_loop, name=f"noyo-fetch-{number}", daemon=True)
             fetcher.start()
             self._fetchers.append(fetcher)
+
+    def _settle_abandoned_leases(self, conn: sqlite3.Connection) -> None:
+        """Events still leased were in flight when a previous process stopped:
+        that attempt counts (so a crash loop cannot fetch an object forever)."""
+        now = time.time()
+        rows = [(event_id, self.policy.decide("retry", attempts, STOPPED_DURING_FETCH, now))
+                for event_id, attempts in conn.execute(
+                    "SELECT event_id, attempts FROM events WHERE status = 'pending' AND lease_until IS NOT NULL")]
+        # Due now, not after a backoff: the stop was ours, not the API's.
+        rows = [(event_id, dataclasses.replace(o, due=now) if o.status == "pending" else o) for event_id, o in rows]
+        OutcomeRecorder.settle_rows(conn, rows)
+        dead = sum(1 for _, o in rows if o.status == "dead")
+        if rows:
+            logger.info("worker took back events leased by a previous run count=%d dead=%d", len(rows), dead)
 
     def wake(self) -> None:
         """Something changed (a new event, a finished fetch): look again now."""
@@ -1971,10 +2382,15 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     def stalled(self) -> str | None:
-        """Why the worker is not making progress, or None (for /healthz and the watchdog)."""
+        """Why the worker is not making progress, or None (for /healthz and the watchdog).
+
+        Only the listener's own faults count: a dead thread, a loop that
+        stopped turning, a fetch past its own deadline. A failing API is not
+        one (its fetches end within their timeout, and the loop keeps turning).
+        """
         if not self.alive():
             return "worker thread is not running"
-        if self._recorder is not None and not self._recorder.is_alive():
+        if self.recorder.started and not self.recorder.alive():
             return "worker recorder thread is not running"
         now = time.monotonic()
         idle = now - self.last_progress
@@ -2000,26 +2416,37 @@ class Worker:
         busy = sum(f.is_alive() for f in self._fetchers)
         if busy:
             logger.warning("worker stopped with fetches in flight count=%d; they are fetched again at next start", busy)
-        if self._recorder is not None:
-            self._outcomes.put(_STOP)  # after every outcome the fetchers handed over
-            self._recorder.join(max(0.0, deadline - time.monotonic()))
+        self.recorder.stop(max(0.0, deadline - time.monotonic()))
 
     # Scheduling
 
     def _run(self) -> None:
-        conn = self.store.read()
-        try:
-            while not self._stop.is_set():
-                self._wake.clear()
-                self.last_progress = time.monotonic()
-                try:
+        conn: sqlite3.Connection | None = None
+        seen_version = None
+        delay = 0.0
+        while not self._stop.is_set():
+            self.last_progress = time.monotonic()
+            try:
+                if conn is None:
+                    conn = self.store.read()
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if self._wake.is_set() or version != seen_version or delay <= 0:
+                    self._wake.clear()
+                    seen_version = version
                     delay = self._dispatch(conn)
-                except (StoreError, sqlite3.Error) as exc:
-                    logger.error("worker cannot read or claim events error=%s", exc)
-                    delay = self.backoff_initial
                 self._publish_state()
-                self._wake.wait(min(self.MAX_SLEEP, delay))
-        finally:
+            except Exception as exc:  # noqa: BLE001 - nothing may stop the scheduler
+                cause = f"{exc.__class__.__name__}: {exc}"
+                if self._errors.due(cause):
+                    logger.error("worker scheduler failed; trying again error=%s", json.dumps(cause[:300]))
+                if isinstance(exc, sqlite3.Error) and conn is not None:
+                    conn.close()
+                    conn = None
+                delay = self.backoff_initial
+            started = time.monotonic()
+            self._wake.wait(min(self.REQUEUE_POLL, max(0.0, delay)))
+            delay -= time.monotonic() - started
+        if conn is not None:
             conn.close()
 
     def _dispatch(self, conn: sqlite3.Connection) -> float:
@@ -2048,7 +2475,7 @@ class Worker:
                 if len(claims) >= slots:
                     continue
                 claim = claims[key] = _Claim(key[0], data_id, [], probe=self.health.probing())
-            claim.events.append((event_id, attempts + 1))
+            claim.events.append((event_id, attempts))
         if claims:
             self._claim_and_hand_out(list(claims.values()), now)
         row = conn.execute("SELECT MIN(next_attempt_at) FROM events WHERE status = 'pending' "
@@ -2067,7 +2494,9 @@ class Worker:
         leased = [(lease_iso, lease_iso, event_id) for claim, _ in fetchable for event_id, _ in claim.events]
 
         def claim_rows(conn: sqlite3.Connection) -> None:
-            conn.executemany("UPDATE events SET attempts = attempts + 1, lease_until = ?, next_attempt_at = ? "
+            # The attempt is counted when its outcome is known (OutcomeRecorder),
+            # or at the next start if this process stops meanwhile.
+            conn.executemany("UPDATE events SET lease_until = ?, next_attempt_at = ? "
                              "WHERE event_id = ? AND status = 'pending'", leased)
             # The kind lost its [fetch] entry (or the event its id) since it was stored.
             conn.executemany("UPDATE events SET status = ?, last_error = ?, processed_at = ?, "
@@ -2098,8 +2527,9 @@ class Worker:
                 with self._inflight_lock:
                     self._inflight[claim.key] = time.monotonic()  # what stalled() measures
                 handed_over = self._fetch_and_record(claim, url)
-            except Exception:  # noqa: BLE001 - one bad object must not stop the fetcher
-                logger.exception("worker failed on an object kind=%s id=%s", claim.kind, claim.data_id)
+            except Exception as exc:  # noqa: BLE001 - one bad object must not stop the fetcher
+                if self._errors.due(f"fetch {exc.__class__.__name__}"):
+                    logger.exception("worker failed on an object kind=%s id=%s", claim.kind, claim.data_id)
             finally:
                 if not handed_over:
                     self._release(claim)
@@ -2110,104 +2540,35 @@ class Worker:
             self._inflight.pop(claim.key, None)
         self.wake()
 
-    def _record_loop(self) -> None:
-        while True:
-            item = self._outcomes.get()
-            if item is _STOP:
-                return
-            job, claim, line = item
-            try:
-                self.store.result_of(job)
-                if line:
-                    logger.log(*line)
-            except StoreError as exc:
-                # The lease returns these events; they are fetched again later.
-                logger.error("worker cannot record a fetch outcome error=%s", exc)
-            except Exception:  # noqa: BLE001 - the recorder must outlive one bad line
-                logger.exception("worker recorder failed kind=%s id=%s", claim.kind, claim.data_id)
-            finally:
-                self._release(claim)
-
     def _fetch_and_record(self, claim: _Claim, url: str) -> bool:
-        """GET the object and hand the outcome to the writer; True once handed over."""
+        """GET the object and hand the outcome to the recorder; True once handed over."""
         assert self.client is not None and claim.data_id is not None
         started = time.monotonic()
         try:
             obj = self.client.fetch(url, claim.data_id)
         except FetchError as error:
-            if error.kind == "not_found":
-                self.health.success()  # the API answered; this object is just not there (yet)
-            else:
-                self.health.failure(error)
+            self.health.record(error, claim.key)
             return self._record_failure(claim, error)
         self.health.success()
-        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-        event_ids = [event_id for event_id, _ in claim.events]
-        fetched_at = utc_iso()
+        return self.recorder.fetched(claim, obj, self.policy.decide("done", 0, None, time.time()), started)
 
-        def record(conn: sqlite3.Connection) -> None:
-            if claim.kind == "difference":
-                apply_difference(conn, obj, body, event_ids, fetched_at)
-            else:
-                apply_resource(conn, claim.kind, obj, body, fetched_at)
-            conn.executemany("UPDATE events SET status = 'done', processed_at = ?, lease_until = NULL, "
-                             "next_attempt_at = NULL, last_error = NULL WHERE event_id = ? AND status = 'pending'",
-                             [(fetched_at, event_id) for event_id in event_ids])
-            set_meta(conn, "last_fetch_ok_at", fetched_at)
-
-        return self._write_outcome(claim, record, (
-            logging.INFO, "object fetched kind=%s id=%s events=%d ms=%.1f", claim.kind, claim.data_id,
-            len(event_ids), (time.monotonic() - started) * 1000))
+    def _record_failure(self, claim: _Claim, error: FetchError) -> bool:
+        verdict = self.policy.classify(error)
+        now = time.time()
+        reason = f"{error.kind}: {error}"
+        rows = [(event_id, self.policy.decide(verdict.event, attempts, reason, now, error.retry_after,
+                                              self.health.paused_until)) for event_id, attempts in claim.events]
+        return self.recorder.failed(claim, error, rows)
 
     def _give_back(self, claim: _Claim) -> bool:
         """A queued claim whose turn came after the API started failing: not
         fetched (only the probe may ask), its attempt not spent, due again
         when the pause ends."""
-        due = utc_iso(max(self.health.paused_until, time.time()))
-        rows = [(attempts - 1, due, event_id) for event_id, attempts in claim.events]
-        return self._write_outcome(claim, lambda conn: conn.executemany(
-            "UPDATE events SET attempts = ?, next_attempt_at = ?, lease_until = NULL "
-            "WHERE event_id = ? AND status = 'pending'", rows))
-
-    def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
-        """Exponential backoff with full jitter, at least ``Retry-After``."""
-        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(attempts - 1, 60))
-        return max(retry_after or 0.0, random.uniform(0, ceiling))
-
-    def _record_failure(self, claim: _Claim, error: FetchError) -> bool:
         now = time.time()
-        message = f"{error.kind}: {error}"
-        updates = []
-        for event_id, attempts in claim.events:
-            if error.kind == "auth":
-                # Our credentials, not this event, are at fault: give the attempt back.
-                updates.append(("pending", attempts - 1, utc_iso(self.health.paused_until), message, event_id))
-            elif attempts >= self.max_attempts:
-                updates.append(("dead", attempts, None, f"gave up after {attempts} attempts: {message}", event_id))
-            else:
-                due = utc_iso(now + self.retry_delay(attempts, error.retry_after))
-                updates.append(("pending", attempts, due, message, event_id))
-
-        def record(conn: sqlite3.Connection) -> None:
-            conn.executemany("UPDATE events SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
-                             "lease_until = NULL WHERE event_id = ? AND status = 'pending'", updates)
-
-        dead = sum(1 for u in updates if u[0] == "dead")
-        return self._write_outcome(claim, record, (
-            logging.ERROR if dead else logging.WARNING, "fetch failed kind=%s id=%s events=%d dead=%d error=%s",
-            claim.kind, claim.data_id, len(updates), dead, message))
-
-    def _write_outcome(self, claim: _Claim, fn: Callable[[sqlite3.Connection], None],
-                       line: tuple | None = None) -> bool:
-        """Queue a fetch's outcome for the writer; the recorder frees ``claim``
-        and logs ``line`` once it is committed. False if it could not be queued."""
-        try:
-            job = self.store.submit(fn)
-        except StoreError as exc:
-            logger.error("worker cannot record a fetch outcome error=%s", exc)
-            return False
-        self._outcomes.put((job, claim, line))
-        return True
+        reason = f"not fetched yet: the API is paused ({self.health.last_error})"
+        rows = [(event_id, self.policy.decide("wait", attempts, reason, now, wait_until=self.health.paused_until))
+                for event_id, attempts in claim.events]
+        return self.recorder.given_back(claim, rows)
 
     def _publish_state(self, force: bool = False) -> None:
         """Tell `status` (another process) what the API state is."""
@@ -2257,11 +2618,11 @@ def watchdog_interval() -> float | None:
 
 
 class Housekeeper:
-    """Everything periodic, off the request path, in one thread: SIGHUP reloads,
-    systemd's watchdog and status line, daily pruning."""
+    """Everything periodic and quick, off the request path, in one thread:
+    SIGHUP reloads, systemd's watchdog and status line. Pruning, which can
+    take long, has its own thread (Pruner) so it never delays the watchdog."""
 
     STATUS_EVERY = 10.0
-    PRUNE_EVERY = 86400.0
 
     def __init__(self, service: "Service") -> None:
         self.service = service
@@ -2270,7 +2631,6 @@ class Housekeeper:
         self.reload_requested = False
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._next_prune = time.monotonic()  # at start, then daily
         self._unhealthy_logged = 0.0
         self._queue_logged = 0.0
         self._thread = threading.Thread(target=self._run, name="noyo-housekeeper", daemon=True)
@@ -2289,13 +2649,12 @@ class Housekeeper:
         self._thread.join(5)
 
     def _run(self) -> None:
-        self._prune_if_due()
         while not self._stop.is_set():
             self._wake.wait(self.tick)
             self._wake.clear()
             if self._stop.is_set():
                 return
-            for chore in (self._reload_if_asked, self._feed_watchdog, self._report_status, self._prune_if_due):
+            for chore in (self._reload_if_asked, self._feed_watchdog, self._report_status):
                 try:
                     chore()
                 except Exception:  # noqa: BLE001 - one failing chore must not stop the others
@@ -2324,14 +2683,40 @@ class Housekeeper:
             logger.warning("requests are waiting for an HTTP thread queued=%d running=%d threads=%d",
                            queued, running, self.service.settings["server"]["threads"])
 
-    def _prune_if_due(self) -> None:
-        if time.monotonic() >= self._next_prune:
-            self._next_prune = time.monotonic() + self.PRUNE_EVERY
+
+
+class Pruner:
+    """Prunes at start and daily on its own thread: a long prune must never
+    keep the housekeeper from feeding the watchdog."""
+
+    PRUNE_EVERY = 86400.0
+    RETRY_AFTER_FAILURE = 3600.0
+
+    def __init__(self, prune: Callable[[], Any]) -> None:
+        self.prune = prune
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="noyo-prune", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        wait = 0.0  # at start, then daily
+        while not self._stop.wait(wait):
             try:
-                self.service.prune()
+                self.prune()
+                wait = self.PRUNE_EVERY
             except StoreError as exc:
                 logger.error("prune failed; trying again in an hour error=%s", exc)
-                self._next_prune = time.monotonic() + 3600
+                wait = self.RETRY_AFTER_FAILURE
+            except Exception:  # noqa: BLE001 - the thread outlives one bad prune
+                logger.exception("prune failed; trying again in an hour")
+                wait = self.RETRY_AFTER_FAILURE
 
 
 def _finish_queued_requests_at_shutdown(dispatcher: Any, grace: float) -> None:
@@ -2374,6 +2759,7 @@ class Service:
         self.receiver: Receiver | None = None
         self.server: Any = None
         self.housekeeper = Housekeeper(self)
+        self.pruner = Pruner(self.prune)
 
     def open(self) -> None:
         """Take the lock, open the database, bind the port. Raises StoreError."""
@@ -2405,6 +2791,7 @@ class Service:
         try:
             self.worker.start()
             self.housekeeper.start()
+            self.pruner.start()
             _log_startup(self.settings, *self.self_address)
             sd_notify("READY=1\nSTATUS=" + self.status_line())
             # waitress leaves its loop on SystemExit raised in this thread; it
@@ -2425,6 +2812,7 @@ class Service:
         if self.server is not None:
             self._send_finished_answers()
         self.housekeeper.stop()
+        self.pruner.stop()
         if self.worker is not None:
             self.worker.stop(timeout=2.0)
         self.store.close()
@@ -2728,7 +3116,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         raise StoreError(f"cannot requeue in {path}: {exc}") from None
     finally:
         conn.close()
-    print(f"requeued {count} event(s); a running listener picks them up within {Worker.MAX_SLEEP:g}s")
+    print(f"requeued {count} event(s); a running listener picks them up within 2s")
     return 0
 
 

@@ -62,6 +62,8 @@ class FakeNoyo:
         self.token_expires_in: Any = 600
         self.wrap_objects = False
         self.latency = 0.0
+        self.token_delay = 0.0  # seconds the token endpoint takes to answer (a hanging token endpoint)
+        self.token_arrivals: list[float] = []  # when each token request arrived (before any delay)
         self.gate = threading.Event()  # cleared by hold(): object GETs wait until release()
         self.gate.set()
         self.lock = threading.Lock()
@@ -192,6 +194,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         if self.path != TOKEN_PATH:
             return self._send(404, {"error": "not found"})
+        with self.fake.lock:
+            self.fake.token_arrivals.append(time.time())
+        if self.fake.token_delay:
+            time.sleep(self.fake.token_delay)  # a slow token endpoint, not synchronisation
         fault = self.fake._take_fault(self.path)
         if fault is not None:
             return self._apply(fault, {})
