@@ -1289,8 +1289,8 @@ class RequestPolicy:
 
 class SharedCheck:
     """Single-flight: one call of ``check`` runs at a time; callers that arrive
-    meanwhile wait for it and share its result, which stays fresh for
-    ``fresh`` seconds. A caller that waits longer than ``wait`` gets a
+    meanwhile wait for it and share its result; a healthy result stays fresh
+    for ``fresh`` seconds. A caller that waits longer than ``wait`` gets a
     problem saying so (the check itself is then stuck)."""
 
     def __init__(self, check: Callable[[], list[str]], fresh: float, wait: float) -> None:
@@ -1304,8 +1304,11 @@ class SharedCheck:
     def verdict(self) -> list[str]:
         with self._lock:
             result = self._result
-            if result is not None and time.monotonic() - result[0] < self.fresh:
-                return list(result[1])
+            # Only a healthy verdict is reused after its check ended: a recovery
+            # must show at once, and a failure is shared by the callers that
+            # waited for it.
+            if result is not None and not result[1] and time.monotonic() - result[0] < self.fresh:
+                return []
             running = self._running
             leader = running is None
             if leader:
