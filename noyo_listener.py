@@ -179,6 +179,16 @@ def _optional(text: str) -> str:
     return text.strip()
 
 
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("must be a number, e.g. 2 or 0.5") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError("must be a number above 0")
+    return value
+
+
 # (section, key) -> (converter, default, is_secret). The default is ini text,
 # converted like any value from the file, so check-config shows one truth.
 _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
@@ -215,9 +225,19 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
         "backoff_initial": (_duration_at_least(0.001), "1s", False),
         "backoff_max": (_duration_at_least(0.001), "1h", False),
     },
+    "sync": {
+        "interval": (_duration_at_least(0), "6h", False),  # 0 = no periodic passes
+        "rate": (_positive_number, "2", False),  # list requests per second, at most
+        "page_size": (_int_in(5, 100), "100", False),  # Noyo accepts 5..100
+    },
     "log": {
         "level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", False),
     },
+}
+
+# [lists]: kind -> Noyo's paged list of that kind (reconciliation walks it).
+DEFAULT_LISTS = {
+    "difference": "{tracking_url}/api/v1/differences",
 }
 
 DEFAULT_FETCH = {
@@ -245,6 +265,7 @@ class Settings:
     fetch: dict[str, str]
     sources: dict[tuple[str, str], str]  # where a secret came from, for check-config
     config_path: str
+    lists: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LISTS))
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.values[section]
@@ -260,6 +281,16 @@ class Settings:
             tracking_url=api["tracking_url"],
             fulfillment_url=api["fulfillment_url"],
         )
+
+    def list_url(self, kind: str, page_size: int, offset: int) -> str | None:
+        """The URL of one page of Noyo's list of ``kind``, or None."""
+        template = self.lists.get(kind)
+        if template is None:
+            return None
+        api = self.values["noyo_api"]
+        url = template.format(tracking_url=api["tracking_url"], fulfillment_url=api["fulfillment_url"])
+        query = urllib.parse.urlencode({"page_size": page_size, "offset": offset})
+        return url + ("&" if "?" in url else "?") + query
 
     @property
     def fetching_enabled(self) -> bool:
@@ -289,8 +320,11 @@ def _read_secret_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str]
     return found
 
 
-def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
-    """Read and validate the ini at ``path``; raise ConfigError with one line."""
+def load_settings(path: str, environ: dict[str, str] | None = None, need_webhook_secrets: bool = True) -> Settings:
+    """Read and validate the ini at ``path``; raise ConfigError with one line.
+
+    ``need_webhook_secrets=False`` for commands that never verify a webhook.
+    """
     environ = dict(os.environ if environ is None else environ)
     parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
     try:
@@ -306,8 +340,9 @@ def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
         raise ConfigError(f"{path} is not a valid ini file: " + " ".join(str(exc).split())) from None
 
     for section in parser.sections():
-        if section not in _SCHEMA and section != "fetch":
-            raise ConfigError(f"{path}: unknown section [{section}]; known: " + ", ".join([*_SCHEMA, "fetch"]))
+        if section not in _SCHEMA and section not in ("fetch", "lists"):
+            known = ", ".join([*_SCHEMA, "fetch", "lists"])
+            raise ConfigError(f"{path}: unknown section [{section}]; known: {known}")
         if section in _SCHEMA:
             for key in parser[section]:
                 if key not in _SCHEMA[section]:
@@ -338,8 +373,9 @@ def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
                 raise ConfigError(f"[{section}] {key}: {exc}{shown}") from None
 
     fetch = _fetch_templates(parser["fetch"] if parser.has_section("fetch") else {})
-    settings = Settings(values=values, fetch=fetch, sources=sources, config_path=path)
-    _validate_together(settings)
+    lists = _list_templates(parser["lists"] if parser.has_section("lists") else {})
+    settings = Settings(values=values, fetch=fetch, sources=sources, config_path=path, lists=lists)
+    _validate_together(settings, need_webhook_secrets)
     return settings
 
 
@@ -364,11 +400,30 @@ def _fetch_templates(entries: Any) -> dict[str, str]:
     return fetch
 
 
-def _validate_together(settings: Settings) -> None:
+def _list_templates(entries: Any) -> dict[str, str]:
+    """[lists] laid over the defaults; an empty entry turns a kind's passes off."""
+    lists = dict(DEFAULT_LISTS)
+    for kind, template in entries.items():
+        template = template.strip()
+        if not template:
+            lists.pop(kind, None)
+            continue
+        try:
+            template.format(tracking_url="T", fulfillment_url="F")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(
+                f"[lists] {kind}: only {{tracking_url}} and {{fulfillment_url}} may appear in the template "
+                f"(got {template!r})"
+            ) from None
+        lists[kind] = template
+    return lists
+
+
+def _validate_together(settings: Settings, need_webhook_secrets: bool = True) -> None:
     """Refuse combinations of keys that are each valid but wrong together."""
     webhook, database, worker, api = (
         settings["webhook"], settings["database"], settings["worker"], settings["noyo_api"])
-    if not webhook["secrets"]:
+    if need_webhook_secrets and not webhook["secrets"]:
         raise ConfigError(
             "[webhook] secrets is empty: set it in the ini, in NOYO_WEBHOOK_SECRETS "
             "or as the systemd credential NOYO_WEBHOOK_SECRETS"
@@ -415,6 +470,8 @@ def describe_settings(settings: Settings) -> list[str]:
             lines.append(f"{key} = {shown}{suffix}")
     lines.append("[fetch]")
     lines.extend(f"{kind} = {template}" for kind, template in sorted(settings.fetch.items()))
+    lines.append("[lists]")
+    lines.extend(f"{kind} = {template}" for kind, template in sorted(settings.lists.items()))
     return lines
 
 
@@ -567,6 +624,24 @@ MIGRATIONS: list[str] = [
     -- looks deliveries up by rowid and age, and repeated_deliveries joins
     -- through the events primary key.
     DROP INDEX IF EXISTS deliveries_event;
+    """,
+    """
+    -- Reconciliation passes: one row per pass over one [lists] kind.
+    CREATE TABLE syncs (
+        id          INTEGER PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        started_at  TEXT NOT NULL,
+        finished_at TEXT,
+        status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+        pages       INTEGER NOT NULL DEFAULT 0,
+        seen        INTEGER NOT NULL DEFAULT 0,
+        new         INTEGER NOT NULL DEFAULT 0,  -- no row existed: no webhook announced it, or it was lost
+        updated     INTEGER NOT NULL DEFAULT 0,  -- replaced an older row
+        unchanged   INTEGER NOT NULL DEFAULT 0,  -- the row was as new or newer
+        skipped     INTEGER NOT NULL DEFAULT 0,  -- items without an id
+        error       TEXT
+    );
+    CREATE INDEX syncs_kind ON syncs (kind, status, id);
     """,
 ]
 
@@ -2585,6 +2660,260 @@ class Worker:
             logger.warning("cannot record api state error=%s", exc)
 
 
+# --- Worker: reconciliation ---
+
+
+class SyncError(Exception):
+    """A reconciliation pass could not complete; the message is one line for the operator."""
+
+
+SYNC_COUNTS = ("pages", "seen", "new", "updated", "unchanged", "skipped")
+INTERRUPTED_PASS = "interrupted: the process stopped during the pass"
+
+
+def parse_list_page(data: Any) -> tuple[list, int | None]:
+    """The items and ``meta.total_records`` of one page of a Noyo list."""
+    if not isinstance(data, dict) or not isinstance(data.get("response"), list):
+        raise FetchError("not_object", "list answer has no \"response\" list; check the [lists] URL")
+    meta = data.get("meta")
+    total = meta.get("total_records") if isinstance(meta, dict) else None
+    if isinstance(total, bool) or not isinstance(total, int):
+        total = None
+    return data["response"], total
+
+
+class RateLimit:
+    """At most ``rate`` calls of ``wait`` return per second (spaced, not bursty)."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self._next = 0.0
+
+    def wait(self, stop: threading.Event) -> bool:
+        """Sleep until the next request may go; False if ``stop`` was set meanwhile."""
+        delay = self._next - time.monotonic()
+        if delay > 0 and stop.wait(delay):
+            return False
+        self._next = max(time.monotonic(), self._next) + self.interval
+        return not stop.is_set()
+
+
+class SyncPass:
+    """One reconciliation pass over one [lists] kind.
+
+    Walks Noyo's list page by page at most ``[sync] rate`` requests a second
+    and applies each item exactly as a fetched object (apply_object: the same
+    newer-wins rule and state derivation). Each page commits in its own short
+    transaction through the store's writer, together with the pass's counts,
+    so a running `serve` keeps acknowledging and a crash keeps what was
+    applied. A failed list request means what FAILURE_POLICY says, with the
+    same ApiHealth pause as fetches; past ``max_attempts`` the pass fails.
+    """
+
+    def __init__(self, settings: Settings, store: Store, client: NoyoClient, kind: str,
+                 health: ApiHealth | None = None, stop: threading.Event | None = None) -> None:
+        worker = settings["worker"]
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.kind = kind
+        self.page_size = settings["sync"]["page_size"]
+        self.limit = RateLimit(settings["sync"]["rate"])
+        self.policy = FailurePolicy(worker["max_attempts"], worker["backoff_initial"], worker["backoff_max"])
+        self.health = health or ApiHealth(worker["backoff_initial"], worker["backoff_max"])
+        self.stop = stop or threading.Event()
+        self.counts = dict.fromkeys(SYNC_COUNTS, 0)
+        self.requests = 0
+        self.seconds = 0.0
+        self.sync_id: int | None = None
+
+    def summary(self) -> str:
+        """The line `sync` prints."""
+        counts = " ".join(f"{name}={self.counts[name]}" for name in SYNC_COUNTS)
+        return f"sync kind={self.kind} {counts} seconds={self.seconds:.1f}"
+
+    def run(self) -> dict[str, int]:
+        """Run the pass to the end; its counts. Raises SyncError when it cannot complete."""
+        started = time.monotonic()
+        self.sync_id = self.store.write(lambda conn: conn.execute(
+            "INSERT INTO syncs (kind, started_at, status) VALUES (?, ?, 'running')", (self.kind, utc_iso())).lastrowid)
+        logger.info("sync pass started kind=%s id=%d page_size=%d", self.kind, self.sync_id, self.page_size)
+        try:
+            offset = 0
+            while True:
+                items, total = self._get_page(offset)
+                fetched_at = utc_iso()
+                added = self.store.write(lambda conn: self._apply_page(conn, items, fetched_at))
+                for name, value in added.items():
+                    self.counts[name] += value
+                offset += len(items)
+                # Offset drift: an item added meanwhile shifts the pages; the next pass or a webhook covers it.
+                if len(items) < self.page_size or (total is not None and offset >= total):
+                    break
+        except BaseException as exc:
+            self.seconds = time.monotonic() - started
+            error = str(exc) if isinstance(exc, SyncError) else f"{exc.__class__.__name__}: {exc}"
+            if isinstance(exc, KeyboardInterrupt):
+                error = "interrupted"
+            self._finish("failed", error)
+            logger.error("sync pass failed kind=%s id=%d pages=%d seen=%d error=%s", self.kind, self.sync_id,
+                         self.counts["pages"], self.counts["seen"], json.dumps(error))
+            if isinstance(exc, (SyncError, KeyboardInterrupt)):
+                raise
+            raise SyncError(f"sync of {self.kind} failed: {error}") from exc
+        self.seconds = time.monotonic() - started
+        self._finish("done", None)
+        counts = " ".join(f"{name}={self.counts[name]}" for name in SYNC_COUNTS)
+        logger.info("sync pass done kind=%s id=%d %s requests=%d seconds=%.1f", self.kind, self.sync_id, counts,
+                    self.requests, self.seconds)
+        if self.counts["new"]:
+            logger.warning("sync found %d %s object(s) no webhook announced: webhooks were missed (Noyo gave up "
+                           "retrying, a subscription was paused, or the listener was unreachable); they are stored "
+                           "now. kind=%s id=%d", self.counts["new"], self.kind, self.kind, self.sync_id)
+        return dict(self.counts)
+
+    def _get_page(self, offset: int) -> tuple[list, int | None]:
+        """One page, with the fetch failure policy: retries, the API pause, max_attempts."""
+        assert self.sync_id is not None
+        url = self.settings.list_url(self.kind, self.page_size, offset)
+        if url is None:
+            raise SyncError(f"no [lists] entry for kind {self.kind!r}")
+        attempts = 0
+        while True:
+            self._wait_out_api_pause()
+            if not self.limit.wait(self.stop):
+                raise SyncError("stopped: the listener is shutting down")
+            self.requests += 1
+            try:
+                page = parse_list_page(self.client.get_json(url))
+            except FetchError as error:
+                self.health.record(error, ("list", self.kind))
+                verdict = self.policy.classify(error)
+                outcome = self.policy.decide(verdict.event, attempts, f"{error.kind}: {error}", time.time(),
+                                             error.retry_after, self.health.paused_until)
+                attempts += outcome.spent
+                if outcome.status == "dead" or verdict.event == "wait":
+                    raise SyncError(f"list request for {self.kind} at offset {offset} failed: "
+                                    f"{outcome.last_error}") from None
+                logger.warning("sync list request failed kind=%s offset=%d attempts=%d error=%s", self.kind, offset,
+                               attempts, outcome.last_error)
+                if self.stop.wait(max(0.0, (outcome.due or 0.0) - time.time())):
+                    raise SyncError("stopped: the listener is shutting down") from None
+                continue
+            self.health.success()
+            return page
+
+    def _wait_out_api_pause(self) -> None:
+        while self.health.probing() and time.time() < self.health.paused_until:
+            if self.stop.wait(min(1.0, self.health.paused_until - time.time())):
+                raise SyncError("stopped: the listener is shutting down")
+
+    def _apply_page(self, conn: sqlite3.Connection, items: list, fetched_at: str) -> dict[str, int]:
+        added = dict.fromkeys(SYNC_COUNTS, 0)
+        added["pages"] = 1
+        for item in items:
+            added["seen"] += 1
+            object_id = item.get("id") if isinstance(item, dict) else None
+            if object_id is None or isinstance(object_id, (bool, dict, list)) or str(object_id) == "":
+                added["skipped"] += 1
+                continue
+            body = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
+            added[apply_object(conn, self.kind, item, body, [], fetched_at, source="sync")] += 1
+        conn.execute("UPDATE syncs SET " + ", ".join(f"{name} = {name} + ?" for name in SYNC_COUNTS) + " WHERE id = ?",
+                     [added[name] for name in SYNC_COUNTS] + [self.sync_id])
+        return added
+
+    def _finish(self, status: str, error: str | None) -> None:
+        try:
+            self.store.write(lambda conn: conn.execute(
+                "UPDATE syncs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+                (status, utc_iso(), error, self.sync_id)))
+        except StoreError as exc:
+            logger.error("cannot record the end of sync pass id=%s error=%s", self.sync_id, exc)
+
+
+def mark_interrupted_passes(conn: sqlite3.Connection) -> int:
+    """Passes left `running` by a process that stopped: they are `failed`."""
+    return conn.execute("UPDATE syncs SET status = 'failed', finished_at = ?, error = ? WHERE status = 'running'",
+                        (utc_iso(), INTERRUPTED_PASS)).rowcount
+
+
+def last_completed_pass(conn: sqlite3.Connection, kind: str) -> str | None:
+    """finished_at of the last `done` pass of ``kind``."""
+    row = conn.execute("SELECT finished_at FROM syncs WHERE kind = ? AND status = 'done' ORDER BY id DESC LIMIT 1",
+                       (kind,)).fetchone()
+    return row[0] if row else None
+
+
+class Reconciler:
+    """`serve`'s periodic passes: each [lists] kind when none has completed
+    yet or the last completed one is older than ``[sync] interval`` (so a
+    restart does not repeat a fresh pass). Its own thread; the worker's
+    client (one token) and ApiHealth (one pause)."""
+
+    CHECK_EVERY = 60.0
+    RETRY_FAILED_AFTER = 600.0
+
+    def __init__(self, settings: Settings, store: Store, worker: Worker) -> None:
+        self.settings = settings
+        self.store = store
+        self.worker = worker
+        self.interval = settings["sync"]["interval"]
+        self._stop = threading.Event()
+        self._failed_at: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._run, name="noyo-sync", daemon=True)
+
+    def start(self) -> None:
+        interrupted = self.store.write(mark_interrupted_passes)
+        if interrupted:
+            logger.warning("sync passes interrupted by a previous stop are marked failed count=%d", interrupted)
+        if self.interval <= 0 or self.worker.client is None or not self.settings.lists:
+            logger.info("periodic sync off reason=%s", "interval=0" if self.interval <= 0 else
+                        "no API credentials" if self.worker.client is None else "no [lists] entries")
+            return
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(5)
+
+    def seconds_until_due(self, kind: str) -> float:
+        conn = self.store.read()
+        try:
+            finished = last_completed_pass(conn, kind)
+        finally:
+            conn.close()
+        due = parse_utc_iso(finished) + self.interval if finished else 0.0
+        failed = self._failed_at.get(kind)
+        if failed is not None:
+            due = max(due, failed + min(self.interval, self.RETRY_FAILED_AFTER))
+        return due - time.time()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            wait = self.CHECK_EVERY
+            for kind in sorted(self.settings.lists):
+                try:
+                    remaining = self.seconds_until_due(kind)
+                    if remaining > 0:
+                        wait = min(wait, remaining)
+                        continue
+                    assert self.worker.client is not None
+                    SyncPass(self.settings, self.store, self.worker.client, kind, self.worker.health,
+                             self._stop).run()
+                    self._failed_at.pop(kind, None)
+                except (SyncError, StoreError):
+                    self._failed_at[kind] = time.time()  # logged by the pass
+                except Exception:  # noqa: BLE001 - the thread outlives one bad pass
+                    self._failed_at[kind] = time.time()
+                    logger.exception("sync pass failed kind=%s", kind)
+                if self._stop.is_set():
+                    return
+                wait = min(wait, 1.0)  # look again soon: another kind may be due
+            self._stop.wait(max(0.05, wait))
+
+
 # --- Service ---------------------------------------------------------------
 
 
@@ -2759,6 +3088,7 @@ class Service:
         self.lock = InstanceLock(db["path"])
         self.store = Store(db["path"], db["synchronous"], db["busy_timeout"])
         self.worker: Worker | None = None
+        self.reconciler: Reconciler | None = None
         self.receiver: Receiver | None = None
         self.server: Any = None
         self.housekeeper = Housekeeper(self)
@@ -2770,6 +3100,7 @@ class Service:
         self.store.open()
         client = NoyoClient(self.settings) if self.settings.fetching_enabled else None
         self.worker = Worker(self.settings, self.store, client)
+        self.reconciler = Reconciler(self.settings, self.store, self.worker)
         self.receiver = Receiver(self.settings, self.store, self.worker)
         server = self.settings["server"]
         try:
@@ -2795,6 +3126,8 @@ class Service:
             self.worker.start()
             self.housekeeper.start()
             self.pruner.start()
+            assert self.reconciler is not None
+            self.reconciler.start()
             _log_startup(self.settings, *self.self_address)
             sd_notify("READY=1\nSTATUS=" + self.status_line())
             # waitress leaves its loop on SystemExit raised in this thread; it
@@ -2816,6 +3149,8 @@ class Service:
             self._send_finished_answers()
         self.housekeeper.stop()
         self.pruner.stop()
+        if self.reconciler is not None:
+            self.reconciler.stop()
         if self.worker is not None:
             self.worker.stop(timeout=2.0)
         self.store.close()
@@ -3056,6 +3391,7 @@ def gather_status(settings: Settings) -> dict:
         last = conn.execute("SELECT MAX(received_at) FROM events").fetchone()[0]
         api_state = json.loads(get_meta(conn, "api_state") or "null")
         last_fetch = get_meta(conn, "last_fetch_ok_at")
+        last_sync = last_sync_by_kind(conn)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read {path}: {exc}") from None
     finally:
@@ -3070,7 +3406,21 @@ def gather_status(settings: Settings) -> dict:
         "last_fetch_ok_at": last_fetch,
         "fetching": "on" if settings.fetching_enabled else "off (set [noyo_api] client_id and client_secret)",
         "api": api_state,
+        "last_sync": last_sync,
     }
+
+
+def last_sync_by_kind(conn: sqlite3.Connection) -> dict[str, dict]:
+    """The last reconciliation pass of each kind (a database older than the syncs table has none)."""
+    try:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT * FROM syncs WHERE id IN (SELECT MAX(id) FROM syncs GROUP BY kind) "
+                            "ORDER BY kind").fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        conn.row_factory = None
+    return {row["kind"]: {key: row[key] for key in row.keys() if key != "kind"} for row in rows}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -3091,6 +3441,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     api_line = api.get("state", "unknown") + (f" until {api['until']}" if api.get("until") else "")
     print(f"fetching:        {status['fetching']}")
     print(f"noyo api:        {api_line}" + (f"  last error: {api['last_error']}" if api.get("last_error") else ""))
+    for kind, last in status["last_sync"].items():
+        counts = " ".join(f"{name}={last[name]}" for name in SYNC_COUNTS)
+        ended = f" finished {last['finished_at']}" if last["finished_at"] else f" started {last['started_at']}"
+        print(f"last sync:       {kind} {last['status']}{ended} {counts}"
+              + (f"  error: {last['error']}" if last["error"] else ""))
     if status["by_type"]:
         print("by type:")
         for event_type, counts in status["by_type"].items():
@@ -3120,6 +3475,30 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     print(f"requeued {count} event(s); a running listener picks them up within 2s")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """One reconciliation pass per [lists] kind (or --kind) now, in the foreground."""
+    settings = load_settings(_config_path(args), need_webhook_secrets=False)
+    if not settings.fetching_enabled:
+        raise ConfigError("sync needs API credentials: set [noyo_api] client_id and client_secret "
+                          "(or NOYO_CLIENT_ID and NOYO_CLIENT_SECRET)")
+    if args.kind is not None and args.kind not in settings.lists:
+        known = ", ".join(sorted(settings.lists)) or "none"
+        raise ConfigError(f"no [lists] entry for kind {args.kind!r}; known: {known}")
+    kinds = [args.kind] if args.kind else sorted(settings.lists)
+    db = settings["database"]
+    store = Store(db["path"], db["synchronous"], db["busy_timeout"])
+    store.open()
+    try:
+        client = NoyoClient(settings)
+        for kind in kinds:
+            sync_pass = SyncPass(settings, store, client, kind)
+            sync_pass.run()
+            print(sync_pass.summary(), flush=True)
+    finally:
+        store.close()
     return 0
 
 
@@ -3268,6 +3647,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--type", help="every non-pending event of this type")
     which.add_argument("event_ids", nargs="*", default=[], metavar="EVENT_ID")
     requeue.set_defaults(func=cmd_requeue)
+
+    sync = commands.add_parser("sync", help="reconcile with Noyo's lists now (one pass per [lists] kind)")
+    sync.add_argument("--kind", help="only this [lists] kind (default: every one)")
+    sync.set_defaults(func=cmd_sync)
     return parser
 
 
@@ -3277,7 +3660,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         return args.func(args)
-    except (ConfigError, StoreError) as exc:
+    except (ConfigError, StoreError, SyncError) as exc:
         print(f"noyo-listener: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
