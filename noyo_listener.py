@@ -2861,6 +2861,7 @@ class Reconciler:
         self.interval = settings["sync"]["interval"]
         self._stop = threading.Event()
         self._failed_at: dict[str, float] = {}
+        self._announced: dict[str, str] = {}
         self._thread = threading.Thread(target=self._run, name="noyo-sync", daemon=True)
 
     def start(self) -> None:
@@ -2898,6 +2899,10 @@ class Reconciler:
                     remaining = self.seconds_until_due(kind)
                     if remaining > 0:
                         wait = min(wait, remaining)
+                        next_at = utc_iso(time.time() + remaining)[:19]
+                        if self._announced.get(kind) != next_at:  # once per due time, not every look
+                            self._announced[kind] = next_at
+                            logger.info("sync pass not due kind=%s next_at=%sZ", kind, next_at)
                         continue
                     assert self.worker.client is not None
                     SyncPass(self.settings, self.store, self.worker.client, kind, self.worker.health,
