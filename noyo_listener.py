@@ -2738,20 +2738,28 @@ class SyncPass:
         self.sync_id = self.store.write(lambda conn: conn.execute(
             "INSERT INTO syncs (kind, started_at, status) VALUES (?, ?, 'running')", (self.kind, utc_iso())).lastrowid)
         logger.info("sync pass started kind=%s id=%d page_size=%d", self.kind, self.sync_id, self.page_size)
+        committing: _WriteJob | None = None
         try:
             offset = 0
             while True:
                 items, total = self._get_page(offset)
+                # The previous page committed while this one was on the wire.
+                self._count(committing)
                 fetched_at = utc_iso()
-                added = self.store.write(lambda conn: self._apply_page(conn, items, fetched_at))
-                for name, value in added.items():
-                    self.counts[name] += value
+                committing = self.store.submit(
+                    lambda conn, items=items, at=fetched_at: self._apply_page(conn, items, at))
                 offset += len(items)
                 # Offset drift: an item added meanwhile shifts the pages; the next pass or a webhook covers it.
                 if len(items) < self.page_size or (total is not None and offset >= total):
                     break
+            self._count(committing)
         except BaseException as exc:
             self.seconds = time.monotonic() - started
+            if committing is not None and not isinstance(exc, StoreError):
+                try:
+                    self._count(committing)  # what was applied stays applied, and counted
+                except StoreError:
+                    pass
             error = str(exc) if isinstance(exc, SyncError) else f"{exc.__class__.__name__}: {exc}"
             if isinstance(exc, KeyboardInterrupt):
                 error = "interrupted"
@@ -2771,6 +2779,12 @@ class SyncPass:
                            "retrying, a subscription was paused, or the listener was unreachable); they are stored "
                            "now. kind=%s id=%d", self.counts["new"], self.kind, self.kind, self.sync_id)
         return dict(self.counts)
+
+    def _count(self, job: _WriteJob | None) -> None:
+        """Wait for a page's commit and add its counts (StoreError if it failed)."""
+        if job is not None:
+            for name, value in self.store.result_of(job).items():
+                self.counts[name] += value
 
     def _get_page(self, offset: int) -> tuple[list, int | None]:
         """One page, with the fetch failure policy: retries, the API pause, max_attempts."""
