@@ -3248,8 +3248,9 @@ class Service:
         self.settings = dataclasses.replace(self.settings, values=values, sources=sources)
         self.receiver.policy = RequestPolicy.from_settings(self.settings)
         logging.getLogger().setLevel(new["log"]["level"])
-        restart_needed = [s for s in ("server", "database", "noyo_api", "worker")
-                          if new[s] != self.settings[s]] + (["fetch"] if new.fetch != self.settings.fetch else [])
+        restart_needed = ([s for s in ("server", "database", "noyo_api", "worker", "sync") if new[s] != self.settings[s]]
+                          + (["fetch"] if new.fetch != self.settings.fetch else [])
+                          + (["lists"] if new.lists != self.settings.lists else []))
         logger.info("reloaded secrets=%s signature_payload=%s log_level=%s%s",
                     ",".join(name for name, _ in new["webhook"]["secrets"]),
                     new["webhook"]["signature_payload"], new["log"]["level"],
