@@ -2352,24 +2352,151 @@ class OutcomeRecorder:
                 self.release(claim)
 
 
-# --- Worker: scheduling and fetching ---
+# --- Worker: fetching ---
+
+
+class InFlight:
+    """The objects claimed and not yet settled: the scheduler skips them, the
+    health check measures how long the oldest has been in flight."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: dict[tuple[str, str | None], float] = {}  # key -> monotonic claim or fetch start
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+    def keys(self) -> set:
+        with self._lock:
+            return set(self._since)
+
+    def add(self, keys: Iterable[tuple[str, str | None]]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._since.update((key, now) for key in keys)
+
+    def started(self, key: tuple[str, str | None]) -> None:
+        """Its GET starts now (a queued claim waited behind another fetch)."""
+        with self._lock:
+            self._since[key] = time.monotonic()
+
+    def remove(self, key: tuple[str, str | None]) -> None:
+        with self._lock:
+            self._since.pop(key, None)
+
+    def oldest_age(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            return now - min(self._since.values(), default=now)
+
+
+class Fetchers:
+    """``concurrency`` threads; each takes a claim, GETs its object, asks the
+    failure policy what a failure means, and hands the outcome to the
+    recorder. A claim whose turn comes while the API is paused is given back
+    unfetched (only the scheduler's probe may ask)."""
+
+    def __init__(self, client: NoyoClient | None, policy: FailurePolicy, health: ApiHealth,
+                 recorder: OutcomeRecorder, inflight: InFlight, release: Callable[[_Claim], None]) -> None:
+        self.client = client
+        self.policy = policy
+        self.health = health
+        self.recorder = recorder
+        self.inflight = inflight
+        self.release = release
+        self.stopping = threading.Event()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._errors = _OncePer(30.0)
+
+    def start(self, count: int) -> None:
+        for number in range(count):
+            thread = threading.Thread(target=self._run, name=f"noyo-fetch-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def hand_out(self, claim: _Claim, url: str) -> None:
+        self._tasks.put((claim, url))
+
+    def stop(self, deadline: float) -> int:
+        """Stop taking claims; how many threads were still busy at ``deadline``."""
+        self.stopping.set()
+        for _ in self._threads:
+            self._tasks.put(_STOP)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return sum(thread.is_alive() for thread in self._threads)
+
+    def _run(self) -> None:
+        while True:
+            item = self._tasks.get()
+            if item is _STOP:
+                return
+            claim, url = item
+            if self.stopping.is_set():
+                continue  # a queued claim: its lease returns it at the next start
+            handed_over = False
+            try:
+                if self.health.probing() and not claim.probe:
+                    handed_over = self._give_back(claim)
+                    continue
+                self.inflight.started(claim.key)
+                handed_over = self._fetch(claim, url)
+            except Exception as exc:  # noqa: BLE001 - one bad object must not stop the fetcher
+                if self._errors.due(f"fetch {exc.__class__.__name__}"):
+                    logger.exception("worker failed on an object kind=%s id=%s", claim.kind, claim.data_id)
+            finally:
+                if not handed_over:
+                    self.release(claim)
+
+    def _fetch(self, claim: _Claim, url: str) -> bool:
+        """GET the object and hand the outcome to the recorder; True once handed over."""
+        assert self.client is not None and claim.data_id is not None
+        started = time.monotonic()
+        try:
+            obj = self.client.fetch(url, claim.data_id)
+        except FetchError as error:
+            self.health.record(error, claim.key)
+            return self._failed(claim, error)
+        self.health.success()
+        return self.recorder.fetched(claim, obj, self.policy.decide("done", 0, None, time.time()), started)
+
+    def _failed(self, claim: _Claim, error: FetchError) -> bool:
+        verdict = self.policy.classify(error)
+        now = time.time()
+        reason = f"{error.kind}: {error}"
+        rows = [(event_id, self.policy.decide(verdict.event, attempts, reason, now, error.retry_after,
+                                              self.health.paused_until)) for event_id, attempts in claim.events]
+        return self.recorder.failed(claim, error, rows)
+
+    def _give_back(self, claim: _Claim) -> bool:
+        """Not fetched, its attempt not spent, due again when the pause ends."""
+        now = time.time()
+        reason = f"not fetched yet: the API is paused ({self.health.last_error})"
+        rows = [(event_id, self.policy.decide("wait", attempts, reason, now, wait_until=self.health.paused_until))
+                for event_id, attempts in claim.events]
+        return self.recorder.given_back(claim, rows)
+
+
+# --- Worker: scheduling ---
 
 
 class Worker:
     """Drains the inbox: fetches each referenced object and records its state.
 
-    Scheduling: one thread picks due events, groups those that point at the
-    same object (one GET serves them all), claims them with a lease and
-    hands them to ``concurrency`` fetch threads. It keeps one claimed object
-    queued per fetch thread, so a thread that finishes starts its next GET at
-    once instead of waiting for a scheduler cycle (a read and a commit): one
-    cycle per finished fetch capped the drain at about 60% of concurrency /
-    latency. It sleeps until it is woken (a new event, a finished fetch), the
-    next event is due, or another process committed (a `requeue`).
+    Its pieces, each readable alone: the scheduling (this class: one thread
+    picks due events, groups those that point at the same object so one GET
+    serves them all, claims them with a lease and hands them out), the
+    fetching (Fetchers), the recording of outcomes (OutcomeRecorder), the
+    failure policy (FAILURE_POLICY, FailurePolicy) and the API-wide pause
+    (ApiHealth).
 
-    Fetching: a fetch thread GETs the object and asks FailurePolicy what a
-    failure means; OutcomeRecorder writes the result; ApiHealth pauses
-    everything when the API, not an object, is failing.
+    It keeps one claimed object queued per fetch thread, so a thread that
+    finishes starts its next GET at once instead of waiting for a scheduler
+    cycle (a read and a commit): one cycle per finished fetch capped the
+    drain at about 60% of concurrency / latency. It sleeps until it is woken
+    (a new event, a finished fetch), the next event is due, or another
+    process committed (a `requeue`).
     """
 
     MAX_SLEEP = 30.0
@@ -2397,15 +2524,13 @@ class Worker:
         # it may wait behind one other fetch before its own starts.
         self.lease = 2 * self.fetch_deadline + 30
         self.health = ApiHealth(self.backoff_initial, self.backoff_max)
+        self.inflight = InFlight()
+        self.capacity = 2 * self.concurrency  # claims fetching or queued for a fetch thread
         self.recorder = OutcomeRecorder(store, self._release)
+        self.fetchers = Fetchers(client, self.policy, self.health, self.recorder, self.inflight, self._release)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._inflight: dict[tuple[str, str | None], float] = {}  # claimed key -> monotonic claim or start
-        self.capacity = 2 * self.concurrency  # claims fetching or queued for a fetch thread
-        self._inflight_lock = threading.Lock()
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._fetchers: list[threading.Thread] = []
         self._errors = _OncePer(30.0)
         self.last_progress = time.monotonic()
 
@@ -2425,10 +2550,7 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="noyo-worker", daemon=True)
         self._thread.start()
         self.recorder.start()
-        for number in range(self.concurrency):
-            fetcher = threading.Thread(target=self._fetch_loop, name=f"noyo-fetch-{number}", daemon=True)
-            fetcher.start()
-            self._fetchers.append(fetcher)
+        self.fetchers.start(self.concurrency)
 
     def _settle_abandoned_leases(self, conn: sqlite3.Connection) -> None:
         """Events still leased were in flight when a previous process stopped:
@@ -2453,7 +2575,7 @@ class Worker:
         now. With fetching off or every slot busy, a finishing fetch (or the
         next timer) looks at the inbox anyway; waking per event would cost a
         scheduler cycle per request during a burst."""
-        if self.client is not None and len(self._inflight) < self.capacity and not self._wake.is_set():
+        if self.client is not None and len(self.inflight) < self.capacity and not self._wake.is_set():
             self._wake.set()
 
     def alive(self) -> bool:
@@ -2470,31 +2592,30 @@ class Worker:
             return "worker thread is not running"
         if self.recorder.started and not self.recorder.alive():
             return "worker recorder thread is not running"
-        now = time.monotonic()
-        idle = now - self.last_progress
+        idle = time.monotonic() - self.last_progress
         if idle > self.MAX_SLEEP + 30:
             return f"worker loop has not run for {idle:.0f}s"
-        with self._inflight_lock:
-            oldest = min(self._inflight.values(), default=now)
-        if now - oldest > self.fetch_deadline + 30:
-            return f"a fetch has been in flight for {now - oldest:.0f}s"
+        oldest = self.inflight.oldest_age()
+        if oldest > self.fetch_deadline + 30:
+            return f"a fetch has been in flight for {oldest:.0f}s"
         return None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop dispatching; fetches in flight are abandoned (their leases return them)."""
         self._stop.set()
         self._wake.set()
-        for _ in self._fetchers:
-            self._tasks.put(_STOP)
+        deadline = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
-        deadline = time.monotonic() + timeout
-        for fetcher in self._fetchers:
-            fetcher.join(max(0.0, deadline - time.monotonic()))
-        busy = sum(f.is_alive() for f in self._fetchers)
+        busy = self.fetchers.stop(deadline)
         if busy:
             logger.warning("worker stopped with fetches in flight count=%d; they are fetched again at next start", busy)
         self.recorder.stop(max(0.0, deadline - time.monotonic()))
+
+    def _release(self, claim: _Claim) -> None:
+        """The object may be claimed again (its outcome is on disk, or there is none)."""
+        self.inflight.remove(claim.key)
+        self.wake()
 
     # Scheduling
 
@@ -2534,8 +2655,7 @@ class Worker:
             return self.MAX_SLEEP
         if self.health.probing() and now < self.health.paused_until:
             return self.health.paused_until - now
-        with self._inflight_lock:
-            busy = set(self._inflight)
+        busy = self.inflight.keys()
         slots = (1 if self.health.probing() else self.capacity) - len(busy)
         if slots <= 0:
             return self.MAX_SLEEP  # a finishing fetch wakes us
@@ -2581,72 +2701,9 @@ class Worker:
                              "next_attempt_at = NULL WHERE event_id = ?", settled)
 
         self.store.write(claim_rows)
-        with self._inflight_lock:
-            started = time.monotonic()
-            self._inflight.update((claim.key, started) for claim, _ in fetchable)
+        self.inflight.add(claim.key for claim, _ in fetchable)
         for claim, url in fetchable:
-            self._tasks.put((claim, url))
-
-    # Fetching
-
-    def _fetch_loop(self) -> None:
-        while True:
-            item = self._tasks.get()
-            if item is _STOP:
-                return
-            claim, url = item
-            if self._stop.is_set():
-                continue  # a queued claim: its lease returns it at the next start
-            handed_over = False
-            try:
-                if self.health.probing() and not claim.probe:
-                    handed_over = self._give_back(claim)
-                    continue
-                with self._inflight_lock:
-                    self._inflight[claim.key] = time.monotonic()  # what stalled() measures
-                handed_over = self._fetch_and_record(claim, url)
-            except Exception as exc:  # noqa: BLE001 - one bad object must not stop the fetcher
-                if self._errors.due(f"fetch {exc.__class__.__name__}"):
-                    logger.exception("worker failed on an object kind=%s id=%s", claim.kind, claim.data_id)
-            finally:
-                if not handed_over:
-                    self._release(claim)
-
-    def _release(self, claim: _Claim) -> None:
-        """The object may be claimed again (its outcome is on disk, or there is none)."""
-        with self._inflight_lock:
-            self._inflight.pop(claim.key, None)
-        self.wake()
-
-    def _fetch_and_record(self, claim: _Claim, url: str) -> bool:
-        """GET the object and hand the outcome to the recorder; True once handed over."""
-        assert self.client is not None and claim.data_id is not None
-        started = time.monotonic()
-        try:
-            obj = self.client.fetch(url, claim.data_id)
-        except FetchError as error:
-            self.health.record(error, claim.key)
-            return self._record_failure(claim, error)
-        self.health.success()
-        return self.recorder.fetched(claim, obj, self.policy.decide("done", 0, None, time.time()), started)
-
-    def _record_failure(self, claim: _Claim, error: FetchError) -> bool:
-        verdict = self.policy.classify(error)
-        now = time.time()
-        reason = f"{error.kind}: {error}"
-        rows = [(event_id, self.policy.decide(verdict.event, attempts, reason, now, error.retry_after,
-                                              self.health.paused_until)) for event_id, attempts in claim.events]
-        return self.recorder.failed(claim, error, rows)
-
-    def _give_back(self, claim: _Claim) -> bool:
-        """A queued claim whose turn came after the API started failing: not
-        fetched (only the probe may ask), its attempt not spent, due again
-        when the pause ends."""
-        now = time.time()
-        reason = f"not fetched yet: the API is paused ({self.health.last_error})"
-        rows = [(event_id, self.policy.decide("wait", attempts, reason, now, wait_until=self.health.paused_until))
-                for event_id, attempts in claim.events]
-        return self.recorder.given_back(claim, rows)
+            self.fetchers.hand_out(claim, url)
 
     def _publish_state(self, force: bool = False) -> None:
         """Tell `status` (another process) what the API state is."""

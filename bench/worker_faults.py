@@ -61,6 +61,8 @@ fulfillment_url = {fake.url}
 timeout = 2s
 [worker]
 {worker_lines}
+[sync]
+interval = 0
 [log]
 level = WARNING
 """)

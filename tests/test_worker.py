@@ -329,6 +329,7 @@ def test_a_claim_queued_when_fetching_pauses_is_given_back_unfetched(fetching, f
     wait_until(lambda: not any(event_row(listener, f"e-{n}")["lease_until"] for n in range(2)),
                message="both claims settled")
 
+    fake_noyo.wait_for_requests(1)  # the fake records a request just after answering it
     assert len(fake_noyo.object_requests()) == 1
     rows = [event_row(listener, f"e-{n}") for n in range(2)]
     assert [(r["status"], r["attempts"]) for r in rows] == [("pending", 0), ("pending", 0)]
