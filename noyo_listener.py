@@ -210,6 +210,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
         "synchronous": (_choice("OFF", "NORMAL", "FULL", "EXTRA"), "FULL", False),
         "dedupe_days": (_int_in(1, 3650), "30", False),
         "busy_timeout": (_duration_at_least(0.001), "5s", False),
+        # external: no checkpoint of our own; a WAL replicator (Litestream) does them
+        "checkpoints": (_choice("auto", "external"), "auto", False),
     },
     "noyo_api": {
         "client_id": (_optional, "", False),  # an identifier; may come from env/credentials all the same
@@ -648,7 +650,8 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mode: str = "write") -> sqlite3.Connection:
+def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mode: str = "write",
+            checkpoints: str = "auto") -> sqlite3.Connection:
     """Open ``path`` with the pragmas every connection of this program uses.
 
     ``mode`` is ``write`` (sets up WAL, synchronous and auto_vacuum: only the
@@ -659,12 +662,17 @@ def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mod
     Autocommit mode: writers say ``BEGIN IMMEDIATE`` themselves, so a
     transaction never upgrades from read to write halfway (which can fail
     with SQLITE_BUSY regardless of the busy timeout).
+
+    ``checkpoints = "external"`` (``[database] checkpoints``) leaves every WAL
+    checkpoint to a replicator such as Litestream, see ``leave_checkpoints_to_others``.
     """
     if mode == "readonly":
         uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if checkpoints == "external":
+        leave_checkpoints_to_others(conn)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     if mode == "write":
         # Lets prune give pages back. Only takes effect on a new, empty file,
@@ -676,6 +684,25 @@ def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mod
             raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {journal}); is it on a network filesystem?")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
     return conn
+
+
+def leave_checkpoints_to_others(conn: sqlite3.Connection) -> None:
+    """Make ``conn`` start no WAL checkpoint by itself.
+
+    A replicator that streams the WAL (Litestream) wants to be the only one
+    that checkpoints: it copies frames before it lets them leave the WAL.
+    SQLite checkpoints on its own in two places: after a commit that takes
+    the WAL past ``wal_autocheckpoint`` pages, and when the last connection
+    to the database closes. The first is turned off here for every
+    connection; the second can be turned off only from Python 3.12 on
+    (``setconfig``). Before that it cannot happen while the replicator runs,
+    because the replicator's own open connection means ours is never the
+    last one (tests/test_litestream.py).
+    """
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    no_checkpoint_on_close = getattr(sqlite3, "SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE", None)
+    if no_checkpoint_on_close is not None and hasattr(conn, "setconfig"):
+        conn.setconfig(no_checkpoint_on_close, True)
 
 
 def _create_private_file(path: str) -> None:
@@ -783,10 +810,13 @@ class Store:
 
     MAX_BATCH = 256
 
-    def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = 5.0,
+                 checkpoints: str = "auto") -> None:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
+        # "external": this process runs no checkpoint at all ([database] checkpoints)
+        self.checkpoints = checkpoints
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -803,7 +833,7 @@ class Store:
         require_directory_of(self.path)
         try:
             _create_private_file(self.path)
-            conn = connect(self.path, self.synchronous, self.busy_timeout)
+            conn = connect(self.path, self.synchronous, self.busy_timeout, checkpoints=self.checkpoints)
             migrate(conn, self.path)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
@@ -815,8 +845,9 @@ class Store:
         self._conn = conn
         self._writer = threading.Thread(target=self._run_writer, name="noyo-writer", daemon=True)
         self._writer.start()
-        self._checkpointer = threading.Thread(target=self._run_checkpointer, name="noyo-checkpoint", daemon=True)
-        self._checkpointer.start()
+        if self.checkpoints == "auto":
+            self._checkpointer = threading.Thread(target=self._run_checkpointer, name="noyo-checkpoint", daemon=True)
+            self._checkpointer.start()
 
     CHECKPOINT_EVERY = 1.0  # seconds
 
@@ -875,7 +906,12 @@ class Store:
         return job.result
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database and truncate it (cannot run inside a transaction)."""
+        """Copy the WAL into the database and truncate it (cannot run inside a transaction).
+
+        Does nothing with ``checkpoints = external``: the replicator checkpoints.
+        """
+        if self.checkpoints == "external":
+            return
         conn = self.read()
         try:
             self._checkpoint(conn, "TRUNCATE")
@@ -884,7 +920,7 @@ class Store:
 
     def read(self) -> sqlite3.Connection:
         """A new connection for reading (WAL readers never block the writer)."""
-        return connect(self.path, self.synchronous, self.busy_timeout, mode="read")
+        return connect(self.path, self.synchronous, self.busy_timeout, mode="read", checkpoints=self.checkpoints)
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued, stop the writer, close. Safe to call twice."""
@@ -904,7 +940,8 @@ class Store:
             logger.info("database writer stopped commits=%d writes=%d writes_per_commit=%.1f",
                         self.commits, self.jobs_committed, self.jobs_committed / self.commits)
         if self._conn is not None:
-            self._checkpoint(self._conn, "TRUNCATE")
+            if self.checkpoints == "auto":
+                self._checkpoint(self._conn, "TRUNCATE")
             self._conn.close()
             self._conn = None
 
@@ -3015,9 +3052,16 @@ def sd_notify(message: str) -> bool:
 
 
 def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings systemd expects (None when it expects none)."""
+    """Seconds between WATCHDOG=1 pings systemd expects (None when it expects none).
+
+    systemd names the process it watches in WATCHDOG_PID. That is us, or the
+    process that started us when it is a wrapper that passes its environment
+    on and does not ping itself: ``litestream replicate -exec`` (the unit's
+    main process in systemd/noyo-listener.service.d/litestream.conf, with
+    NotifyAccess=all so that our pings count).
+    """
     usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
+    if not usec or (pid and pid not in (str(os.getpid()), str(os.getppid()))):
         return None
     try:
         return int(usec) / 1_000_000
@@ -3162,7 +3206,7 @@ class Service:
         self.settings = settings
         db = settings["database"]
         self.lock = InstanceLock(db["path"])
-        self.store = Store(db["path"], db["synchronous"], db["busy_timeout"])
+        self.store = Store(db["path"], db["synchronous"], db["busy_timeout"], db["checkpoints"])
         self.worker: Worker | None = None
         self.reconciler: Reconciler | None = None
         self.receiver: Receiver | None = None
@@ -3433,6 +3477,9 @@ def _log_startup(settings: Settings, host: str, port: int) -> None:
         "on" if settings.fetching_enabled else "off", __version__,
     )
     _warn_about_development_secret(settings)
+    if settings["database"]["checkpoints"] == "external":
+        logger.info("checkpoints=external: this process runs no WAL checkpoint; the replicator "
+                    "(Litestream) must, or the -wal file grows without bound")
 
 
 def _warn_about_development_secret(settings: Settings) -> None:
@@ -3540,7 +3587,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         where, params = "type = ? AND status != 'pending'", [args.type]
     else:
         where, params = f"event_id IN ({', '.join('?' * len(args.event_ids))}) AND status != 'pending'", args.event_ids
-    conn = connect(path, settings["database"]["synchronous"], settings["database"]["busy_timeout"])
+    conn = connect(path, settings["database"]["synchronous"], settings["database"]["busy_timeout"],
+                   checkpoints=settings["database"]["checkpoints"])
     try:
         conn.execute("BEGIN IMMEDIATE")
         count = conn.execute(
@@ -3566,7 +3614,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         raise ConfigError(f"no [lists] entry for kind {args.kind!r}; known: {known}")
     kinds = [args.kind] if args.kind else sorted(settings.lists)
     db = settings["database"]
-    store = Store(db["path"], db["synchronous"], db["busy_timeout"])
+    store = Store(db["path"], db["synchronous"], db["busy_timeout"], db["checkpoints"])
     store.open()
     try:
         client = NoyoClient(settings)
@@ -3580,7 +3628,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _open_store(settings: Settings) -> Store:
-    store = Store(existing_database(settings), settings["database"]["synchronous"], settings["database"]["busy_timeout"])
+    db = settings["database"]
+    store = Store(existing_database(settings), db["synchronous"], db["busy_timeout"], db["checkpoints"])
     store.open()
     return store
 
