@@ -2244,15 +2244,17 @@ class ApiHealth:
             self.state = "auth_failed"
             if now - self._last_log >= self.LOG_EVERY:
                 self._last_log = now
-                logger.error("noyo api refused our credentials; fetching paused until %s (then a probe). Fix [noyo_api] "
-                             "client_id/client_secret (or NOYO_CLIENT_ID/NOYO_CLIENT_SECRET) and restart. error=%s",
+                logger.error("noyo api refused our credentials; fetching paused until %s (then a probe). "
+                             "Fix [noyo_api] client_id/client_secret (or NOYO_CLIENT_ID/NOYO_CLIENT_SECRET) "
+                             "and restart. error=%s",
                              utc_iso(self.paused_until), error)
 
     def _failure(self, error: FetchError, key: Any) -> None:
         now = time.time()
         with self.lock:
             self.last_error = str(error)
-            self.failing_objects.add(key)
+            if len(self.failing_objects) < 64:  # enough to count "different objects"; bounded in a long outage
+                self.failing_objects.add(key)
             retry_after = error.retry_after if error.retry_after and math.isfinite(error.retry_after) else 0.0
             if len(self.failing_objects) < self.FAILURES_BEFORE_PAUSE and not retry_after:
                 return
@@ -3349,7 +3351,8 @@ class Service:
         self.settings = dataclasses.replace(self.settings, values=values, sources=sources)
         self.receiver.policy = RequestPolicy.from_settings(self.settings)
         logging.getLogger().setLevel(new["log"]["level"])
-        restart_needed = ([s for s in ("server", "database", "noyo_api", "worker", "sync") if new[s] != self.settings[s]]
+        restart_needed = ([s for s in ("server", "database", "noyo_api", "worker", "sync")
+                           if new[s] != self.settings[s]]
                           + (["fetch"] if new.fetch != self.settings.fetch else [])
                           + (["lists"] if new.lists != self.settings.lists else []))
         logger.info("reloaded secrets=%s signature_payload=%s log_level=%s%s",
