@@ -303,3 +303,19 @@ def test_apply_says_new_updated_or_unchanged(tmp_path):
         assert apply({"id": "g", "modified": 2}, "group") == "updated"
     finally:
         store.close()
+
+
+def test_a_pass_in_serve_shares_the_workers_api_pause(start_listener, fake_noyo, db_path):
+    # A 429 with Retry-After on a list page pauses the API for everyone (one
+    # ApiHealth), exactly as after a fetch: an event that arrives meanwhile is
+    # not fetched before the pause ends. Then the pass completes.
+    fake_noyo.put("difference", difference("d-1"))
+    fake_noyo.add_fault(Fault("status", status=429, retry_after="2", match="/differences?"))
+    listener = start_listener(**sync_sections(fake_noyo, sync={"interval": "1h"}, backoff_max="3s"))
+    listener.wait_for_log(r"WARNING noyo api failing; backing off until")
+    refused_at = fake_noyo.list_requests()[0].at
+    listener.send(event_body("difference.created", data_id="d-1", event_id="during-pause"))
+    wait_until(lambda: statuses(listener) == {"during-pause": "done"}, 15, "the event fetched after the pause")
+    first_get = fake_noyo.object_requests("/differences/d-1")[0].at
+    assert first_get - refused_at >= 1.9  # Retry-After: 2 held the worker too
+    wait_until(lambda: done_passes(db_path), 15, "the pass completes after the pause")
