@@ -443,8 +443,8 @@ def test_unit_with_the_drop_in_verifies_clean(tmp_path):
 
 @needs_litestream
 def test_replication_carries_on_from_an_older_database_put_in_place(replicated, tmp_path):
-    """The README's restore: stop, put an older copy in place (as `restore`
-    does: SQLite's backup API over the file, no -wal/-shm left), start again.
+    """The README's restore: stop, put an older copy in place with `restore`
+    (a new file renamed over the database, no -wal/-shm left), start again.
     Litestream keeps its state beside the database and the same replica; what
     it ships next must be that copy and what follows it, not the lost branch."""
     first = replicated()
@@ -460,14 +460,8 @@ def test_replication_carries_on_from_an_older_database_put_in_place(replicated, 
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(30) == 0
 
-    for suffix in ("-wal", "-shm"):
-        Path(str(db) + suffix).unlink(missing_ok=True)
-    source, target = sqlite3.connect(copy), sqlite3.connect(db)
-    try:
-        source.backup(target)
-    finally:
-        target.close()
-        source.close()
+    result = run_cli("--config", str(first.ini), "restore", str(copy))
+    assert result.returncode == 0, result.stderr
 
     second = replicated()
     after = send_events(second, 30)

@@ -171,8 +171,9 @@ def test_sync_without_api_credentials_says_so_in_one_line(make_ini, fake_noyo):
     ini = make_ini(sync={"page_size": 5})
     result = run_sync(ini)
     assert result.returncode == 1
-    assert result.stderr.strip() == ("noyo-listener: error: sync needs API credentials: set [noyo_api] client_id "
-                                     "and client_secret (or NOYO_CLIENT_ID and NOYO_CLIENT_SECRET)")
+    assert result.stderr.strip() == ("noyo-listener: error: [noyo_api] client_id and client_secret are not set: "
+                                     "set them in the ini, in NOYO_CLIENT_ID and NOYO_CLIENT_SECRET, or as the "
+                                     "systemd credentials of those names")
     assert fake_noyo.requests == []
 
 
