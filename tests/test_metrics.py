@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MODULE, ROOT, api_sections, event_body, noyo_timestamp, run_cli, signed_headers, wait_until
 from fake_noyo import Fault
+from test_worker import difference
 
 sys.path.insert(0, str(ROOT))
 import noyo_listener  # noqa: E402  (only for its constants and pure functions)
@@ -300,7 +301,8 @@ def test_api_state_shows_refused_credentials(start_listener, fake_noyo):
         scrape(listener)), timeout=20, message="api_state auth_failed")
     assert {dict(labels)["state"]: value for labels, value in result.series("noyo_listener_api_state").items()} == {
         "healthy": 0, "backing_off": 0, "auth_failed": 1, "fetching_off": 0}
-    assert result.value("noyo_listener_fetches_total", kind="difference", outcome="auth") >= 1  # retried each pause
+    # The token endpoint refused the credentials (the outcome is the failure's kind).
+    assert result.value("noyo_listener_fetches_total", kind="difference", outcome="credentials") >= 1
 
 
 # --- Gauges from the database ---------------------------------------------------
@@ -373,22 +375,54 @@ def test_gauges_are_read_without_the_writer_and_503s_are_counted(listener):
     assert after.value("noyo_listener_ack_seconds_count") == 3  # 200s only
 
 
-def test_last_sync_gauge_reads_a_syncs_table_when_there_is_one(listener):
-    """Reconciliation (SPEC) records its passes in ``syncs``; the gauge shows the
-    last completed one per kind, so it survives a restart and counts `sync` runs."""
-    assert scrape(listener).series("noyo_listener_last_sync_timestamp_seconds") == {}
+def test_sync_metrics_follow_real_passes_and_the_syncs_table(start_listener, fake_noyo):
+    """serve's pass at start counts what it found; the last-sync gauge comes
+    from ``syncs`` (only `done` passes), so it also shows a `sync` run by
+    another process and survives a restart, while counters start again at 0."""
+    for n in range(7):
+        fake_noyo.put("difference", difference(f"d-{n}"))
+    sections = api_sections(fake_noyo)
+    sections["sync"] = {"page_size": 5, "rate": 1000, "interval": "1h"}
+    listener = start_listener(**sections)
+
+    def done_passes() -> list:
+        with listener.db() as conn:
+            return conn.execute("SELECT finished_at FROM syncs WHERE status = 'done' ORDER BY id").fetchall()
+
+    first = wait_until(done_passes, timeout=20, message="serve's first pass")[0][0]
+    listener.wait_for_log(r"sync pass done kind=difference")  # logged once the registry was told
+    result = wait_until(lambda: (lambda r: r if r.value("noyo_listener_last_sync_timestamp_seconds",
+                                                           kind="difference") else None)(scrape(listener)),
+                        timeout=20, message="the last sync gauge")
+    assert result.value("noyo_listener_sync_new_objects_total", kind="difference") == 7
+    assert result.value("noyo_listener_last_sync_timestamp_seconds", kind="difference") == \
+        noyo_listener.parse_utc_iso(first)
+
+    # A failed pass that finished later does not count as the last sync.
     with listener.db() as conn:
-        conn.execute("CREATE TABLE syncs (id INTEGER PRIMARY KEY, kind TEXT, started_at TEXT, finished_at TEXT, "
-                     "status TEXT, pages INTEGER, seen INTEGER, new INTEGER, updated INTEGER, unchanged INTEGER, "
-                     "skipped INTEGER, error TEXT)")
-        conn.executemany("INSERT INTO syncs (kind, started_at, finished_at, status) VALUES (?, ?, ?, ?)", [
-            ("difference", "2026-01-01T00:00:00.000Z", "2026-01-01T00:01:00.000Z", "done"),
-            ("difference", "2026-01-02T00:00:00.000Z", "2026-01-02T00:01:00.000Z", "failed"),
-            ("difference", "2026-01-03T00:00:00.000Z", None, "running"),
-        ])
-    expected = noyo_listener.parse_utc_iso("2026-01-01T00:01:00.000Z")
-    wait_until(lambda: scrape(listener).value("noyo_listener_last_sync_timestamp_seconds", kind="difference")
-               == expected, timeout=20, message="last sync gauge from the syncs table")
+        conn.execute("INSERT INTO syncs (kind, started_at, finished_at, status, pages, seen, new, updated, "
+                     "unchanged, skipped, error) VALUES ('difference', ?, ?, 'failed', 0, 0, 0, 0, 0, 0, 'test')",
+                     ("2099-01-01T00:00:00.000Z", "2099-01-01T00:00:01.000Z"))
+    # `sync` in another process: serve's counter stays, its gauge follows the table.
+    assert run_cli("--config", str(listener.ini), "sync", timeout=60).returncode == 0
+    second = done_passes()[-1][0]
+    assert second > first
+    result = wait_until(lambda: (lambda r: r if r.value("noyo_listener_last_sync_timestamp_seconds",
+                                                           kind="difference") != noyo_listener.parse_utc_iso(first)
+                                 else None)(scrape(listener)), timeout=20, message="the gauge after `sync`")
+    assert result.value("noyo_listener_last_sync_timestamp_seconds", kind="difference") == \
+        noyo_listener.parse_utc_iso(second)
+    assert result.value("noyo_listener_sync_new_objects_total", kind="difference") == 7
+
+    assert listener.stop() == 0
+    listener.start()  # the last pass is fresh: no pass at this start
+    listener.wait_for_log(r"sync pass not due kind=difference")
+    result = wait_until(lambda: (lambda r: r if r.value("noyo_listener_last_sync_timestamp_seconds",
+                                                           kind="difference") else None)(scrape(listener)),
+                        timeout=20, message="the last sync gauge after a restart")
+    assert result.value("noyo_listener_last_sync_timestamp_seconds", kind="difference") == \
+        noyo_listener.parse_utc_iso(second)
+    assert result.value("noyo_listener_sync_new_objects_total", kind="difference") == 0  # since this process started
 
 
 # --- The registry's interface for reconciliation (in process) -------------------
