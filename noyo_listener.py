@@ -1352,19 +1352,25 @@ def own_like_directory(fd: int, directory: str) -> None:
 
 class InstanceLock:
     """One `serve` per database: a second one would race the first's worker.
-    `restore` takes it too, so that no `serve` starts while it writes."""
+    `restore` takes it too, so that no `serve` starts while it writes.
+
+    With ``suffix=SYNC_LOCK_SUFFIX`` it is the lock of `sync` commands: each
+    holds it shared (several may run, beside a `serve`); `restore` takes it
+    exclusively, so it never replaces a database that a `sync` writes to.
+    """
 
     # `status` takes the lock shared for an instant to see whether a `serve`
     # holds it; a `serve` starting at that very instant waits this long.
     ACQUIRE_PATIENCE = 1.0
 
-    def __init__(self, db_path: str) -> None:
+    def __init__(self, db_path: str, suffix: str = ".lock") -> None:
         self.db_path = db_path
-        self.path = db_path + ".lock"
+        self.path = db_path + suffix
         self._fd: int | None = None
 
-    def acquire(self, busy_message: str | None = None) -> None:
-        """Take the lock or raise StoreError (``busy_message`` when another holds it)."""
+    def acquire(self, busy_message: str | None = None, shared: bool = False) -> None:
+        """Take the lock (``shared``: beside other shared holders) or raise
+        StoreError (``busy_message`` when another holds it)."""
         require_directory_of(self.path)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -1374,7 +1380,7 @@ class InstanceLock:
         deadline = time.monotonic() + self.ACQUIRE_PATIENCE
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except OSError as exc:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EACCES) and time.monotonic() < deadline:
@@ -1386,8 +1392,9 @@ class InstanceLock:
                         f"another noyo-listener is already serving {os.path.abspath(self.db_path)} "
                         f"(lock {self.path} is held); stop it first")) from None
                 raise StoreError(f"cannot lock {self.path}: {exc.strerror}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     @staticmethod
@@ -1419,6 +1426,9 @@ class InstanceLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+SYNC_LOCK_SUFFIX = ".sync.lock"
 
 
 def check_backup(source: str) -> tuple[int, int]:
@@ -2357,7 +2367,9 @@ FETCH_FAILURES = (
 # Object answers that no retry will change: the event is dead until an operator acts.
 _REFUSED_OBJECT_STATUSES = {400: "Bad Request", 403: "Forbidden", 410: "Gone", 422: "Unprocessable Entity"}
 
-_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() accepts "²", which float() refuses
+_DIGITS = re.compile(r"[0-9]+")
+# What an Authorization header can carry: visible ASCII, no spaces, no CR/LF.
+_SENDABLE_TOKEN = re.compile(r"[\x21-\x7e]+")  # ASCII only: str.isdigit() accepts "²", which float() refuses
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -2390,7 +2402,11 @@ def token_lifetime(expires_in: Any) -> float:
     """
     try:
         seconds = float(expires_in)
+    except OverflowError:  # an int too large for a float: "very long", which 10 minutes caps
+        seconds = 600.0
     except (TypeError, ValueError):
+        seconds = 600.0
+    if not math.isfinite(seconds):
         seconds = 600.0
     if seconds > 86400:
         seconds /= 1000.0
@@ -2404,10 +2420,14 @@ def unwrap_object(data: Any, expected_id: str) -> dict:
         data = data["response"]
     if not isinstance(data, dict):
         raise FetchError("not_object", f"answer is JSON but not an object ({type(data).__name__})")
+    # Both are answers about the wrong thing, which no retry changes (a list,
+    # or another object): dead at once, and the API itself works.
     if "id" not in data:
-        raise FetchError("transient", "answer has no id")
+        raise FetchError("not_object", "answer is a JSON object without an id; the [fetch] URL probably "
+                         "points at a list, not at one object: fix it, then requeue")
     if str(data["id"]) != expected_id:
-        raise FetchError("transient", f"answer is for id {str(data['id'])[:80]!r}, not {expected_id!r}")
+        raise FetchError("not_object", f"answer is for id {str(data['id'])[:80]!r}, not {expected_id!r}; "
+                         "the [fetch] URL probably points at another object: fix it, then requeue")
     return data
 
 
@@ -2550,7 +2570,7 @@ class NoyoClient:
                 "Authorization": self._basic, "Content-Type": "application/json",
                 "Accept": "application/json", "User-Agent": USER_AGENT,
             }, b'{"grant_type": "client_credentials"}')
-        except (http.client.HTTPException, OSError) as exc:
+        except (http.client.HTTPException, OSError, ValueError) as exc:
             raise FetchError("transient", f"token request failed: {exc.__class__.__name__}: {exc}") from None
         if status in (400, 401, 403):
             raise FetchError("credentials", f"token endpoint {self.token_url} answered {status}; "
@@ -2558,11 +2578,14 @@ class NoyoClient:
         self._raise_for_status(status, headers, f"token endpoint {self.token_url}")
         try:
             answer = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             answer = None
         token = answer.get("access_token") if isinstance(answer, dict) else None
         if not isinstance(token, str) or not token:
             raise FetchError("transient", "token endpoint answered without an access_token")
+        if not _SENDABLE_TOKEN.fullmatch(token):
+            raise FetchError("transient", "token endpoint answered an access_token that cannot be sent in a "
+                             "header (not printable ASCII)")
         return token, token_lifetime(answer.get("expires_in"))
 
     @staticmethod
@@ -2574,15 +2597,27 @@ class NoyoClient:
             raise FetchError("rate_limited", f"{what} answered 429 Too Many Requests", retry_after)
         raise FetchError("transient", f"{what} answered HTTP {status}", retry_after)
 
+    @staticmethod
+    def longest_fetch(timeout: float) -> float:
+        """The longest one get_json can take: a token request (or the wait for
+        another thread's, ``timeout + 5``), the GET, on a 401 a second token
+        request and a second GET; each GET or POST bounded by ``timeout``."""
+        token_request = timeout + 5
+        return 2 * (token_request + timeout)
+
     def get_json(self, url: str) -> Any:
-        """GET ``url`` with a token (refreshed once on a 401); the parsed JSON answer."""
+        """GET ``url`` with a token (refreshed once on a 401); the parsed JSON answer.
+
+        Four exchanges at most (see longest_fetch, which the worker's health
+        check relies on: keep them in step)."""
         token = self._token_for()
         for retry_on_401 in (True, False):
             try:
                 status, headers, body = self._http.request("GET", url, {
                     "Authorization": f"Bearer {token}", "Accept": "application/json", "User-Agent": USER_AGENT,
                 })
-            except (http.client.HTTPException, OSError) as exc:
+            except (http.client.HTTPException, OSError, ValueError) as exc:
+                # ValueError: http.client refused to send a header (a token or URL it cannot encode).
                 raise FetchError("transient", f"GET failed: {exc.__class__.__name__}: {exc}") from None
             if status == 401 and retry_on_401:
                 token = self._token_for(stale=token)
@@ -2600,6 +2635,8 @@ class NoyoClient:
                 return json.loads(body)
             except ValueError:
                 raise FetchError("transient", "answer is not JSON") from None
+            except RecursionError:
+                raise FetchError("transient", "answer is JSON nested too deeply to read") from None
         raise AssertionError("unreachable")
 
     def fetch(self, url: str, object_id: str) -> dict:
@@ -2610,24 +2647,31 @@ class NoyoClient:
 # --- Worker ----------------------------------------------------------------
 
 
-def _as_number(value: Any) -> float | None:
-    """A ``modified``/``version`` value as a number (unix, numeric text or ISO 8601)."""
+def _as_number(value: Any) -> int | float | None:
+    """A ``modified``/``version`` value as a number (unix, numeric text or ISO 8601).
+
+    Any JSON number compares safely: an int stays an int (float() of one past
+    1e308 raises OverflowError; ints and floats compare exactly), NaN is None.
+    """
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+    if isinstance(value, int):
+        return value
+    number = None
+    if isinstance(value, float):
+        number = value
+    elif isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             try:
-                return parse_utc_iso(value)
-            except ValueError:
+                number = parse_utc_iso(value)
+            except (ValueError, OverflowError):
                 return None
-    return None
+    return None if number is None or math.isnan(number) else number
 
 
-def newness(obj: dict) -> tuple[float, float]:
+def newness(obj: dict) -> tuple[int | float, int | float]:
     """Order two fetches of one object: by ``modified``, then ``version``."""
     modified, version = _as_number(obj.get("modified")), _as_number(obj.get("version"))
     return (float("-inf") if modified is None else modified, float("-inf") if version is None else version)
@@ -2996,7 +3040,7 @@ class ApiHealth:
                 logger.error("noyo api refused our credentials; fetching paused until %s (then a probe). "
                              "Fix [noyo_api] client_id/client_secret (or NOYO_CLIENT_ID/NOYO_CLIENT_SECRET) "
                              "and restart. error=%s",
-                             utc_iso(self.paused_until), error)
+                             utc_iso(self.paused_until), log_value(str(error)))
 
     def _failure(self, error: FetchError, key: Any) -> None:
         now = time.time()
@@ -3017,7 +3061,7 @@ class ApiHealth:
             if now - self._last_log >= self.LOG_EVERY:
                 self._last_log = now
                 logger.warning("noyo api failing; backing off until %s consecutive_errors=%d error=%s",
-                               utc_iso(self.paused_until), len(self.failing_objects), error)
+                               utc_iso(self.paused_until), len(self.failing_objects), log_value(str(error)))
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -3056,9 +3100,10 @@ class OutcomeRecorder:
     _SETTLE = ("UPDATE events SET status = ?, attempts = attempts + ?, next_attempt_at = ?, last_error = ?, "
                "processed_at = ?, lease_until = NULL WHERE event_id = ? AND status = 'pending'")
 
-    def __init__(self, store: Store, release: Callable[[_Claim], None]) -> None:
+    def __init__(self, store: Store, release: Callable[[_Claim], None], policy: FailurePolicy) -> None:
         self.store = store
         self.release = release
+        self.policy = policy
         self._outcomes: queue.SimpleQueue = queue.SimpleQueue()  # (write job, claim, log line) to see committed
         self._thread: threading.Thread | None = None
 
@@ -3101,11 +3146,11 @@ class OutcomeRecorder:
             logging.INFO, "object fetched kind=%s id=%s events=%d ms=%.1f", log_value(claim.kind),
             log_value(claim.data_id), len(event_ids), (time.monotonic() - started) * 1000))
 
-    def failed(self, claim: _Claim, error: FetchError, rows: list[tuple[str, EventOutcome]]) -> bool:
+    def failed(self, claim: _Claim, reason: str, rows: list[tuple[str, EventOutcome]]) -> bool:
         dead = sum(1 for _, o in rows if o.status == "dead")
         return self.submit(claim, lambda conn: self.settle_rows(conn, rows), (
             logging.ERROR if dead else logging.WARNING, "fetch failed kind=%s id=%s events=%d dead=%d error=%s",
-            log_value(claim.kind), log_value(claim.data_id), len(rows), dead, f"{error.kind}: {error}"))
+            log_value(claim.kind), log_value(claim.data_id), len(rows), dead, log_value(reason)))
 
     def given_back(self, claim: _Claim, rows: list[tuple[str, EventOutcome]]) -> bool:
         return self.submit(claim, lambda conn: self.settle_rows(conn, rows))
@@ -3116,7 +3161,7 @@ class OutcomeRecorder:
         try:
             job = self.store.submit(fn)
         except StoreError as exc:
-            logger.error("worker cannot record a fetch outcome error=%s", exc)
+            logger.error("worker cannot record a fetch outcome error=%s", log_value(str(exc)))
             return False
         self._outcomes.put((job, claim, line))
         return True
@@ -3131,14 +3176,25 @@ class OutcomeRecorder:
                 self.store.result_of(job)
                 if line:
                     logger.log(*line)
-            except StoreError as exc:
-                # The lease returns these events; they are fetched again later.
-                logger.error("worker cannot record a fetch outcome error=%s", exc)
-            except Exception:  # noqa: BLE001 - the recorder must outlive one bad line
-                logger.exception("worker recorder failed kind=%s id=%s",
-                                 log_value(claim.kind), log_value(claim.data_id))
+            except Exception as exc:  # noqa: BLE001 - the recorder must outlive one bad outcome
+                self._settle_unrecorded(claim, exc)
             finally:
                 self.release(claim)
+
+    def _settle_unrecorded(self, claim: _Claim, exc: Exception) -> None:
+        """The outcome could not be written (say, the object broke apply_object):
+        the attempt still counts, so the event dies at max_attempts instead of
+        coming back with its lease forever."""
+        reason = f"cannot record the fetch outcome: {exc.__class__.__name__}: {exc}"[:500]
+        now = time.time()
+        rows = [(event_id, self.policy.decide("retry", attempts, reason, now)) for event_id, attempts in claim.events]
+        logger.error("worker cannot record a fetch outcome kind=%s id=%s error=%s",
+                     log_value(claim.kind), log_value(claim.data_id), log_value(reason))
+        try:
+            self.store.write(lambda conn: self.settle_rows(conn, rows))
+        except StoreError as error:
+            # The database itself refuses: the lease returns these events later.
+            logger.error("worker cannot record a fetch outcome error=%s", log_value(str(error)))
 
 
 # --- Worker: fetching ---
@@ -3235,6 +3291,9 @@ class Fetchers:
                 if self._errors.due(f"fetch {exc.__class__.__name__}"):
                     logger.exception("worker failed on an object kind=%s id=%s",
                                      log_value(claim.kind), log_value(claim.data_id))
+                # A fault of ours, not the API's: the attempt counts all the same,
+                # so the event dies at max_attempts instead of looping.
+                handed_over = self._settle(claim, "retry", f"internal error: {exc.__class__.__name__}: {exc}"[:500])
             finally:
                 if not handed_over:
                     self.release(claim)
@@ -3254,12 +3313,14 @@ class Fetchers:
         return self.recorder.fetched(claim, obj, self.policy.decide("done", 0, None, time.time()), started)
 
     def _failed(self, claim: _Claim, error: FetchError) -> bool:
-        verdict = self.policy.classify(error)
+        return self._settle(claim, self.policy.classify(error).event, f"{error.kind}: {error}", error.retry_after)
+
+    def _settle(self, claim: _Claim, event: str, reason: str, retry_after: float | None = None) -> bool:
+        """Hand a failed fetch's outcome (``event`` as in FailurePolicy.decide) to the recorder."""
         now = time.time()
-        reason = f"{error.kind}: {error}"
-        rows = [(event_id, self.policy.decide(verdict.event, attempts, reason, now, error.retry_after,
-                                              self.health.paused_until)) for event_id, attempts in claim.events]
-        return self.recorder.failed(claim, error, rows)
+        rows = [(event_id, self.policy.decide(event, attempts, reason, now, retry_after, self.health.paused_until))
+                for event_id, attempts in claim.events]
+        return self.recorder.failed(claim, reason, rows)
 
     def _give_back(self, claim: _Claim) -> bool:
         """Not fetched, its attempt not spent, due again when the pause ends."""
@@ -3310,15 +3371,14 @@ class Worker:
         self.max_attempts = worker["max_attempts"]
         self.backoff_initial = worker["backoff_initial"]
         self.backoff_max = worker["backoff_max"]
-        # A fetch is a token request plus a GET, each bounded by the timeout.
-        self.fetch_deadline = settings["noyo_api"]["timeout"] * 2
+        self.fetch_deadline = NoyoClient.longest_fetch(settings["noyo_api"]["timeout"])
         # A claimed event comes back by itself if this process dies mid-fetch;
         # it may wait behind one other fetch before its own starts.
         self.lease = 2 * self.fetch_deadline + 30
         self.health = ApiHealth(self.backoff_initial, self.backoff_max)
         self.inflight = InFlight()
         self.capacity = 2 * self.concurrency  # claims fetching or queued for a fetch thread
-        self.recorder = OutcomeRecorder(store, self._release)
+        self.recorder = OutcomeRecorder(store, self._release, self.policy)
         self.fetchers = Fetchers(client, self.policy, self.health, self.recorder, self.inflight, self._release)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -3429,7 +3489,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - nothing may stop the scheduler
                 cause = f"{exc.__class__.__name__}: {exc}"
                 if self._errors.due(cause):
-                    logger.error("worker scheduler failed; trying again error=%s", json.dumps(cause[:300]))
+                    logger.error("worker scheduler failed; trying again error=%s", log_value(cause[:300]))
                 if isinstance(exc, sqlite3.Error) and conn is not None:
                     conn.close()
                     conn = None
@@ -3506,7 +3566,7 @@ class Worker:
         try:
             record_daemon_view(self.store, fetching=self.client is not None, api=snapshot)
         except StoreError as exc:
-            logger.warning("cannot record api state error=%s", exc)
+            logger.warning("cannot record api state error=%s", log_value(str(exc)))
 
 
 # --- Worker: reconciliation ---
@@ -3559,6 +3619,10 @@ class SyncPass:
     same ApiHealth pause as fetches; past ``max_attempts`` the pass fails.
     """
 
+    # A runaway list (one that never ends: new items on every page) ends the
+    # pass failed after this many pages; Noyo's largest lists are far shorter.
+    MAX_PAGES = 100_000
+
     def __init__(self, settings: Settings, store: Store, client: NoyoClient, kind: str,
                  health: ApiHealth | None = None, stop: threading.Event | None = None) -> None:
         worker = settings["worker"]
@@ -3589,18 +3653,23 @@ class SyncPass:
         logger.info("sync pass started kind=%s id=%d page_size=%d", self.kind, self.sync_id, self.page_size)
         committing: _WriteJob | None = None
         try:
-            offset = 0
+            offset, previous = 0, None
             while True:
                 items, total = self._get_page(offset)
                 # The previous page committed while this one was on the wire.
                 self._count(committing)
-                fetched_at = utc_iso()
-                committing = self.store.submit(
-                    lambda conn, items=items, at=fetched_at: self._apply_page(conn, items, at))
+                if items and items == previous:
+                    raise SyncError(f"the list of {self.kind} answered the same page again at offset {offset}: it "
+                                    "seems to ignore offset; check the [lists] URL")
+                previous = items
+                committing = self._submit_page(items)
                 offset += len(items)
                 # Offset drift: an item added meanwhile shifts the pages; the next pass or a webhook covers it.
-                if len(items) < self.page_size or (total is not None and offset >= total):
+                if self._last_page(items, total, offset):
                     break
+                if self.counts["pages"] >= self.MAX_PAGES:
+                    raise SyncError(f"the list of {self.kind} did not end within {self.MAX_PAGES} pages; "
+                                    "check the [lists] URL")
             self._count(committing)
         except BaseException as exc:
             self.seconds = time.monotonic() - started
@@ -3610,12 +3679,12 @@ class SyncPass:
                 except StoreError:
                     pass
             error = str(exc) if isinstance(exc, SyncError) else f"{exc.__class__.__name__}: {exc}"
-            if isinstance(exc, KeyboardInterrupt):
-                error = "interrupted"
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                error = "interrupted"  # SIGINT, or SIGTERM (the CLI's handler raises SystemExit)
             self._finish("failed", error)
-            logger.error("sync pass failed kind=%s id=%d pages=%d seen=%d error=%s", self.kind, self.sync_id,
-                         self.counts["pages"], self.counts["seen"], json.dumps(error))
-            if isinstance(exc, (SyncError, KeyboardInterrupt)):
+            logger.error("sync pass failed kind=%s id=%d pages=%d seen=%d error=%s", log_value(self.kind),
+                         self.sync_id, self.counts["pages"], self.counts["seen"], log_value(error))
+            if isinstance(exc, (SyncError, KeyboardInterrupt, SystemExit)):
                 raise
             raise SyncError(f"sync of {self.kind} failed: {error}") from exc
         self.seconds = time.monotonic() - started
@@ -3630,11 +3699,42 @@ class SyncPass:
                            "now. kind=%s id=%d", self.counts["new"], self.kind, self.kind, self.sync_id)
         return dict(self.counts)
 
+    def _last_page(self, items: list, total: int | None, offset: int) -> bool:
+        """Whether the list ends here: at ``total`` when the API says it, else at
+        a short page; always at an empty one."""
+        if not items:
+            return True
+        if total is not None:
+            return offset >= total  # a short page is not the end: the API may cap page_size lower
+        return len(items) < self.page_size
+
+    def _submit_page(self, items: list) -> _WriteJob:
+        """Queue a page for the writer in chunks of at most page_size items, each
+        its own short transaction, so that a page that ignores page_size never
+        holds the write lock for long; waits for all but the last chunk."""
+        fetched_at = utc_iso()
+        start = 0
+        while True:
+            chunk = items[start:start + self.page_size]
+            job = self.store.submit(lambda conn, chunk=chunk, pages=int(start == 0):
+                                    self._apply_items(conn, chunk, fetched_at, pages))
+            start += self.page_size
+            if start >= len(items):
+                return job
+            self._count(job)
+
     def _count(self, job: _WriteJob | None) -> None:
-        """Wait for a page's commit and add its counts (StoreError if it failed)."""
-        if job is not None:
-            for name, value in self.store.result_of(job).items():
-                self.counts[name] += value
+        """Wait for a chunk's commit and add its counts (StoreError if it failed).
+
+        Waits as long as the writer lives: a commit that queues behind a burst
+        of webhooks is late, not failed."""
+        if job is None:
+            return
+        while not job.wait(1.0):
+            if not self.store.writer_alive():
+                raise StoreError("the database writer stopped before the page was committed")
+        for name, value in self.store.result_of(job).items():
+            self.counts[name] += value
 
     def _get_page(self, offset: int) -> tuple[list, int | None]:
         """One page, with the fetch failure policy: retries, the API pause, max_attempts."""
@@ -3651,6 +3751,9 @@ class SyncPass:
             try:
                 page = parse_list_page(self.client.get_json(url))
             except FetchError as error:
+                if error.kind == "not_found":
+                    # An object may not be visible yet; a list URL that is not found is a configuration error.
+                    error = FetchError("refused", f"the list URL answered 404 Not Found; check [lists] {self.kind}")
                 self.health.record(error, ("list", self.kind))
                 verdict = self.policy.classify(error)
                 outcome = self.policy.decide(verdict.event, attempts, f"{error.kind}: {error}", time.time(),
@@ -3659,8 +3762,8 @@ class SyncPass:
                 if outcome.status == "dead" or verdict.event == "wait":
                     raise SyncError(f"list request for {self.kind} at offset {offset} failed: "
                                     f"{outcome.last_error}") from None
-                logger.warning("sync list request failed kind=%s offset=%d attempts=%d error=%s", self.kind, offset,
-                               attempts, outcome.last_error)
+                logger.warning("sync list request failed kind=%s offset=%d attempts=%d error=%s",
+                               log_value(self.kind), offset, attempts, log_value(outcome.last_error))
                 if self.stop.wait(max(0.0, (outcome.due or 0.0) - time.time())):
                     raise SyncError("stopped: the listener is shutting down") from None
                 continue
@@ -3672,9 +3775,9 @@ class SyncPass:
             if self.stop.wait(min(1.0, self.health.paused_until - time.time())):
                 raise SyncError("stopped: the listener is shutting down")
 
-    def _apply_page(self, conn: sqlite3.Connection, items: list, fetched_at: str) -> dict[str, int]:
+    def _apply_items(self, conn: sqlite3.Connection, items: list, fetched_at: str, pages: int) -> dict[str, int]:
         added = dict.fromkeys(SYNC_COUNTS, 0)
-        added["pages"] = 1
+        added["pages"] = pages
         for item in items:
             added["seen"] += 1
             object_id = item.get("id") if isinstance(item, dict) else None
@@ -3693,7 +3796,7 @@ class SyncPass:
                 "UPDATE syncs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
                 (status, utc_iso(), error, self.sync_id)))
         except StoreError as exc:
-            logger.error("cannot record the end of sync pass id=%s error=%s", self.sync_id, exc)
+            logger.error("cannot record the end of sync pass id=%s error=%s", self.sync_id, log_value(str(exc)))
 
 
 def mark_interrupted_passes(conn: sqlite3.Connection) -> int:
@@ -3729,7 +3832,7 @@ class Reconciler:
         self._thread = threading.Thread(target=self._run, name="noyo-sync", daemon=True)
 
     def start(self) -> None:
-        interrupted = self.store.write(mark_interrupted_passes)
+        interrupted = self._mark_interrupted_passes()
         if interrupted:
             logger.warning("sync passes interrupted by a previous stop are marked failed count=%d", interrupted)
         if self.interval <= 0 or self.worker.client is None or not self.settings.lists:
@@ -3742,6 +3845,20 @@ class Reconciler:
         self._stop.set()
         if self._thread.ident is not None:
             self._thread.join(5)
+
+    def _mark_interrupted_passes(self) -> int:
+        """Mark `running` passes failed, unless a `sync` command is running:
+        then some of them are its live passes (the next start marks the rest)."""
+        probe = InstanceLock(self.store.path, SYNC_LOCK_SUFFIX)
+        try:
+            probe.acquire()
+        except StoreError:
+            logger.info("a sync command is running; passes marked running stay so until the next start")
+            return 0
+        try:
+            return self.store.write(mark_interrupted_passes)
+        finally:
+            probe.release()
 
     def seconds_until_due(self, kind: str) -> float:
         conn = self.store.read()
@@ -4456,16 +4573,29 @@ def cmd_sync(args: argparse.Namespace) -> int:
         raise ConfigError(f"no [lists] entry for kind {args.kind!r}; known: {known}")
     kinds = [args.kind] if args.kind else sorted(settings.lists)
     db = settings["database"]
+    lock = InstanceLock(db["path"], SYNC_LOCK_SUFFIX)
+    lock.acquire(busy_message=f"a restore is replacing {os.path.abspath(db['path'])} (lock {lock.path} is held); "
+                 "run sync again once it is done")
+    # SIGTERM/SIGINT end the pass in progress `failed` ("interrupted"), never leave it `running`.
+    previous = {sig: signal.signal(sig, _raise_shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
     store = Store(db["path"], db["synchronous"], db["busy_timeout"], db["checkpoints"])
-    store.open()
     try:
+        store.open()
         client = NoyoClient(settings)
         for kind in kinds:
             sync_pass = SyncPass(settings, store, client, kind)
             sync_pass.run()
             print(sync_pass.summary(), flush=True)
+    except _Shutdown:
+        raise SyncError("sync interrupted by a signal; the pass in progress is recorded failed "
+                        "(what it applied stays applied)") from None
     finally:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the close short
         store.close()
+        lock.release()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -4536,8 +4666,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
     lock.acquire(busy_message=(
         f"noyo-listener is serving {os.path.abspath(path)} (lock {lock.path} is held); stop it first "
         "(sudo systemctl stop noyo-listener), then run restore again; nothing was changed"))
+    sync_lock = InstanceLock(path, SYNC_LOCK_SUFFIX)
     try:
-        restore_database(args.source, path)
+        sync_lock.acquire(busy_message=(
+            f"a sync command is writing to {os.path.abspath(path)} (lock {sync_lock.path} is held); let it finish "
+            "or stop it, then run restore again; nothing was changed"))
+        try:
+            restore_database(args.source, path)
+        finally:
+            sync_lock.release()
     finally:
         lock.release()
     info = os.stat(path)
