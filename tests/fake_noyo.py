@@ -33,12 +33,14 @@ COLLECTIONS = {
 class Fault:
     """Answer the next ``times`` requests whose path contains ``match`` with ``action``."""
 
-    action: str  # "status", "drop", "invalid_json", "slow", "wrong_id", "not_object"
+    action: str  # "status", "drop", "invalid_json", "slow", "wrong_id", "not_object", "raw"
     times: int = 1
     match: str = "/api/"
     status: int = 500
     retry_after: str | None = None
     delay: float = 0.0
+    body: bytes = b""  # "raw": answer ``status`` with exactly this body
+    wrong_id: str = "someone-else"  # "wrong_id": the id the answer claims
 
 
 @dataclasses.dataclass
@@ -62,6 +64,12 @@ class FakeNoyo:
         self.arrivals: list[str] = []
         self.valid_tokens: set[str] = set()
         self.token_expires_in: Any = 600
+        self.token_value: str | None = None  # the access_token handed out (default: a fresh hex one)
+        # Lists that break Noyo's paging contract: at most this many items a page
+        # whatever page_size asks (None: page_size), every page from offset 0, no meta.
+        self.list_page_cap: int | None = None
+        self.list_ignores_offset = False
+        self.list_meta = True
         self.wrap_objects = False
         self.latency = 0.0
         self.list_latency = 0.0  # seconds each list page takes
@@ -224,7 +232,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             grant = None
         if self.headers.get("Authorization") != expected or grant != "client_credentials":
             return self._send(401, {"error": "invalid_client"})
-        token = uuid.uuid4().hex
+        token = self.fake.token_value or uuid.uuid4().hex
         with self.fake.lock:
             self.fake.valid_tokens.add(token)
         self._send(200, {"access_token": token, "expires_in": self.fake.token_expires_in, "token_type": "Bearer"})
@@ -275,8 +283,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(400, {"error": "page_size and offset must be integers"})
         if not 5 <= page_size <= 100 or offset < 0:
             return self._send(400, {"error": "page_size must be between 5 and 100"})
-        self._send(200, {"meta": {"offset": offset, "page_size": page_size, "total_records": len(items)},
-                         "response": items[offset:offset + page_size]})
+        if self.fake.list_ignores_offset:
+            offset = 0
+        count = page_size if self.fake.list_page_cap is None else self.fake.list_page_cap
+        page: dict = {"response": items[offset:offset + count]}
+        if self.fake.list_meta:
+            page["meta"] = {"offset": offset, "page_size": page_size, "total_records": len(items)}
+        self._send(200, page)
 
     def _apply(self, fault: Fault, obj: dict) -> None:
         if fault.action == "drop":
@@ -301,7 +314,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault.action == "invalid_json":
             return self._send(200, b"<html>bad gateway</html>")
         if fault.action == "wrong_id":
-            return self._send(200, {**obj, "id": "someone-else"})
+            return self._send(200, {**obj, "id": fault.wrong_id})
+        if fault.action == "raw":
+            return self._send(fault.status, fault.body)
         if fault.action == "not_object":
             return self._send(200, [obj])
         headers = {"Retry-After": fault.retry_after} if fault.retry_after else None

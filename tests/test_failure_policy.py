@@ -292,3 +292,140 @@ def test_a_stopped_fetch_counts_and_dies_at_max_attempts():
     assert (first.status, first.spent) == ("pending", 1)
     assert (second.status, second.spent) == ("dead", 1) and "process stopped during fetch" in second.last_error
     assert policy.decide("wait", 5, "paused", 0.0, wait_until=30.0) == nl.EventOutcome("pending", 0, 30.0, "paused")
+
+
+# --- answers nothing can read, and faults of our own: always settled, never stuck ------
+# (Old behaviour: anything but a FetchError released the claim unsettled; the
+# event came back with every lease, for good, while the API showed healthy.)
+
+
+def test_a_json_body_nested_too_deeply_is_a_transient_failure_that_dies_at_max_attempts(fetching, fake_noyo):
+    deep = b"[" * 200_000 + b"]" * 200_000  # RecursionError in json.loads
+    fake_noyo.add_fault(Fault("raw", status=200, body=deep, times=10**6, match="/differences/deep"))
+    listener = fetching(max_attempts=2)
+    listener.send(event_body("difference.created", data_id="deep", event_id="deep"))
+    wait_until(lambda: event_row(listener, "deep")["status"] == "dead", 20, "the event dead")
+    row = event_row(listener, "deep")
+    assert row["attempts"] == 2
+    assert "transient: answer is JSON nested too deeply to read" in row["last_error"]
+    assert "Traceback" not in listener.log()
+
+
+@pytest.mark.parametrize("token", ["tok\u20acn", "tok\r\nX-Forged: 1"], ids=["not-latin-1", "crlf"])
+def test_a_token_that_cannot_be_sent_is_a_token_endpoint_failure(fetching, fake_noyo, token):
+    fake_noyo.token_value = token
+    for n in range(3):
+        fake_noyo.put("difference", difference(f"d-{n}"))
+    listener = fetching(max_attempts=2)
+    for n in range(3):
+        listener.send(event_body("difference.created", data_id=f"d-{n}", event_id=f"e-{n}"))
+    wait_until(lambda: set(statuses(listener).values()) == {"dead"}, 30, "every event dead")
+    for n in range(3):
+        row = event_row(listener, f"e-{n}")
+        assert row["attempts"] == 2
+        assert "token endpoint answered an access_token that cannot be sent in a header" in row["last_error"]
+    assert fake_noyo.object_requests("/differences/") == []  # never sent
+    assert "noyo api failing; backing off" in listener.log()  # an API problem, not a healthy API
+    assert "Traceback" not in listener.log()
+
+
+def test_an_object_the_database_cannot_store_still_spends_its_attempts(fetching, fake_noyo):
+    # A lone surrogate in the body: the writer's INSERT fails (UnicodeEncodeError).
+    fake_noyo.put("difference", difference("d-sur", note="\ud800"))
+    fake_noyo.put("difference", difference("d-fine"))
+    listener = fetching(max_attempts=2)
+    listener.send(event_body("difference.created", data_id="d-sur", event_id="sur"))
+    listener.send(event_body("difference.created", data_id="d-fine", event_id="fine"))
+    wait_until(lambda: event_row(listener, "sur")["status"] == "dead", 20, "the event dead")
+    row = event_row(listener, "sur")
+    assert row["attempts"] == 2 and row["lease_until"] is None
+    assert "cannot record the fetch outcome" in row["last_error"]
+    assert event_row(listener, "fine")["status"] == "done"
+    # and a restart has nothing to take back (no "process stopped during fetch")
+    listener.stop()
+    listener.start()
+    assert "took back events" not in listener.log()
+
+
+# --- any JSON number compares ------------------------------------------------------
+
+
+def test_a_huge_integer_modified_or_version_is_stored_and_compared(fetching, fake_noyo):
+    fake_noyo.put("difference", difference("d-big", modified=10**400, version=-(10**400)))
+    listener = fetching(max_attempts=2)
+    listener.send(event_body("difference.created", data_id="d-big", event_id="big-1"))
+    wait_until(lambda: event_row(listener, "big-1")["status"] != "pending", 15, "the event settled")
+    assert event_row(listener, "big-1")["status"] == "done"
+    fake_noyo.put("difference", difference("d-big", modified=10**400 + 1, resolved=5))
+    listener.send(event_body("difference.resolved", data_id="d-big", event_id="big-2"))
+    wait_until(lambda: event_row(listener, "big-2")["status"] != "pending", 15, "the event settled")
+    assert event_row(listener, "big-2")["status"] == "done"
+    with listener.db() as conn:
+        assert conn.execute("SELECT state FROM differences WHERE id = 'd-big'").fetchone()[0] == "resolved"
+
+
+@pytest.mark.parametrize("value, expected", [
+    (10**400, 540), (-(10**400), 540), (float("nan"), 540), ("1e999", 540), (600, 540), (60, 30),
+], ids=["huge", "huge-negative", "nan", "inf-text", "600", "60"])
+def test_token_lifetime_reads_any_json_number(value, expected):
+    assert nl.token_lifetime(value) == expected
+
+
+@given(st.one_of(st.integers(), st.floats(allow_nan=True), st.text(max_size=30)))
+@example(10**400)
+def test_newness_orders_any_json_number_without_raising(value):
+    mine, other = nl.newness({"modified": value, "version": value}), nl.newness({"modified": 1, "version": 1})
+    assert isinstance(mine < other or mine >= other, bool)
+
+
+# --- an answer about something else: dead at once, never an API pause -----------------
+
+
+@pytest.mark.parametrize("fault, error", [
+    (Fault("raw", status=200, body=b'{"meta": {"total_records": 0}, "response": []}'),
+     "not_object: answer is a JSON object without an id; the [fetch] URL probably points at a list"),
+    (Fault("wrong_id"), "not_object: answer is for id 'someone-else', not 'bad-"),
+], ids=["a-list", "another-id"])
+def test_an_answer_for_no_or_another_id_is_dead_at_once_and_never_pauses_the_api(fetching, fake_noyo, fault, error):
+    fault.times, fault.match = 10**6, "/differences/bad"
+    fake_noyo.add_fault(fault)
+    for n in range(5):
+        fake_noyo.put("difference", difference(f"bad-{n}"))
+    fake_noyo.put("difference", difference("fine"))
+    listener = fetching(concurrency=1, max_attempts=5)
+    for n in range(5):
+        listener.send(event_body("difference.created", data_id=f"bad-{n}", event_id=f"b{n}"))
+    listener.send(event_body("difference.created", data_id="fine", event_id="fine"))
+    wait_until(lambda: sorted(statuses(listener).values()) == ["dead"] * 5 + ["done"], 20, "all settled")
+    for n in range(5):
+        row = event_row(listener, f"b{n}")
+        assert row["attempts"] == 1 and row["last_error"].startswith(error), row["last_error"]
+    assert "backing off" not in listener.log()
+    assert api_state(listener)["state"] == "healthy"
+
+
+# --- the API cannot forge log fields ---------------------------------------------------
+
+
+def test_an_id_in_an_answer_cannot_add_fields_to_the_log_line(fetching, fake_noyo):
+    fake_noyo.put("difference", difference("real1"))
+    fake_noyo.add_fault(Fault("wrong_id", wrong_id="x events=9 dead=0 level=INFO kind=forged", match="/real1"))
+    listener = fetching(max_attempts=2)
+    listener.send(event_body("difference.created", data_id="real1", event_id="r1"))
+    line = listener.wait_for_log(r"[^\n]*fetch failed kind=difference id=real1 [^\n]*").group(0)
+    # the API's text is one quoted value: nothing outside the quotes comes from it
+    assert ' error="not_object: answer is for id ' in line, line
+    assert "kind=forged" not in line.split(' error="', 1)[0] and line.endswith('"'), line
+
+
+# --- a slow API is not an unhealthy listener ----------------------------------------------
+
+
+def test_the_fetch_deadline_covers_the_clients_longest_exchange_sequence(make_ini, fake_noyo):
+    ini = make_ini(noyo_api={**api_sections(fake_noyo)["noyo_api"], "timeout": "45s"})
+    settings = nl.load_settings(str(ini))
+    worker = nl.Worker(settings, None, None)
+    # token request (or the wait for another thread's), GET -> 401, token refresh, GET
+    assert worker.fetch_deadline >= 4 * 45 == 4 * settings["noyo_api"]["timeout"]
+    assert worker.fetch_deadline == nl.NoyoClient.longest_fetch(45)
+    assert worker.lease > worker.fetch_deadline

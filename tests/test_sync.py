@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
 import noyo_listener as nl
-from conftest import api_sections, event_body, run_cli, wait_until
+from conftest import MODULE, _clean_environ, api_sections, event_body, run_cli, wait_until
 from fake_noyo import Fault
 from test_worker import difference, statuses
 
@@ -320,3 +324,152 @@ def test_a_pass_in_serve_shares_the_workers_api_pause(start_listener, fake_noyo,
     first_get = fake_noyo.object_requests("/differences/d-1")[0].at
     assert first_get - refused_at >= 1.9  # Retry-After: 2 held the worker too
     wait_until(lambda: done_passes(db_path), 15, "the pass completes after the pause")
+
+
+# --- lists that break the paging contract -------------------------------------------
+
+
+def test_a_list_with_shorter_pages_than_asked_is_read_to_its_total(make_ini, fake_noyo):
+    # Old stop rule (a short page ends the list) stopped after the first page, reporting done.
+    for n in range(12):
+        fake_noyo.put("difference", difference(f"d-{n:02d}"))
+    fake_noyo.list_page_cap = 2
+    result = run_sync(make_ini(**sync_sections(fake_noyo)))
+    assert result.returncode == 0, result.stderr
+    assert summary_counts(result.stdout) == {"pages": 6, "seen": 12, "new": 12, "updated": 0, "unchanged": 0,
+                                             "skipped": 0}
+
+
+def test_a_list_that_ignores_offset_ends_the_pass_failed_instead_of_running_forever(make_ini, fake_noyo, db_path):
+    for n in range(12):
+        fake_noyo.put("difference", difference(f"d-{n:02d}"))
+    fake_noyo.list_ignores_offset, fake_noyo.list_meta = True, False
+    result = run_sync(make_ini(**sync_sections(fake_noyo)))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "noyo-listener: error: the list of difference answered the same page again at offset 5: it seems to "
+        "ignore offset; check the [lists] URL")
+    [sync] = db_rows(db_path, "SELECT * FROM syncs")
+    assert (sync["status"], sync["pages"], sync["seen"]) == ("failed", 1, 5)
+    assert len(fake_noyo.list_requests()) == 2
+
+
+def test_a_page_that_ignores_page_size_is_applied_in_short_transactions(make_ini, fake_noyo, db_path):
+    # One page of 2000 items: applied 5 (page_size) at a time, each its own commit,
+    # so a running serve's acknowledgements never wait behind the whole page.
+    for n in range(2000):
+        fake_noyo.put("difference", difference(f"d-{n:04d}"))
+    fake_noyo.list_page_cap = 2000
+    proc = start_sync(make_ini(**sync_sections(fake_noyo)))
+    seen_between = set()
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:  # readings of the pass's progress while it runs
+        if db_path.exists():
+            try:
+                seen_between.update(r["seen"] for r in db_rows(db_path, "SELECT seen FROM syncs"))
+            except sqlite3.Error:
+                pass
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert summary_counts(out) == {"pages": 1, "seen": 2000, "new": 2000, "updated": 0, "unchanged": 0,
+                                   "skipped": 0}
+    assert {seen for seen in seen_between if 0 < seen < 2000}, seen_between  # committed part by part
+    assert "WARNING" not in err.replace("WARNING sync found", "")
+
+
+def test_a_list_url_that_answers_404_fails_the_pass_at_once(make_ini, fake_noyo):
+    # Old: retried as "not visible yet" with backoff to max_attempts (hours in the foreground).
+    fake_noyo.add_fault(Fault("status", status=404, times=10**6, match="/differences?"))
+    result = run_sync(make_ini(**sync_sections(fake_noyo, max_attempts=5, backoff_initial="1s")))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "noyo-listener: error: list request for difference at offset 0 failed: refused: the list URL answered "
+        "404 Not Found; check [lists] difference")
+    assert len(fake_noyo.list_requests()) == 1
+
+
+def test_a_huge_integer_in_an_item_does_not_fail_the_pass(make_ini, fake_noyo):
+    fake_noyo.put("difference", difference("d-big", modified=10**400))
+    fake_noyo.put("difference", difference("d-small"))
+    ini = make_ini(**sync_sections(fake_noyo))
+    assert run_sync(ini).returncode == 0
+    fake_noyo.put("difference", difference("d-big", modified=10**400 + 1, resolved=7))
+    result = run_sync(ini)
+    assert result.returncode == 0, result.stderr
+    assert summary_counts(result.stdout)["updated"] == 1
+
+
+# --- sync beside serve and restore ------------------------------------------------------
+
+
+def start_sync(ini) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(MODULE), "--config", str(ini), "sync"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_clean_environ(), stdin=subprocess.DEVNULL)
+
+
+def running_passes(db_path) -> list[dict]:
+    return db_rows(db_path, "SELECT * FROM syncs WHERE status = 'running'")
+
+
+def test_restore_is_refused_while_a_sync_writes(make_ini, fake_noyo, db_path, tmp_path):
+    fake_noyo.put("difference", difference("d-1"))
+    ini = make_ini(**sync_sections(fake_noyo))
+    assert run_sync(ini).returncode == 0
+    backup = tmp_path / "backup.sqlite3"
+    assert run_cli("--config", str(ini), "backup", str(backup)).returncode == 0
+    fake_noyo.hold_lists()
+    proc = start_sync(ini)
+    try:
+        wait_until(lambda: running_passes(db_path), 15, "a pass running")
+        result = run_cli("--config", str(ini), "restore", str(backup))
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            f"noyo-listener: error: a sync command is writing to {db_path} (lock {db_path}.sync.lock is held); "
+            "let it finish or stop it, then run restore again; nothing was changed")
+    finally:
+        fake_noyo.release_lists()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert db_rows(db_path, "SELECT status FROM syncs") == [{"status": "done"}] * 2
+    assert run_cli("--config", str(ini), "restore", str(backup)).returncode == 0  # once the sync is done
+
+
+def test_serve_starting_during_a_sync_leaves_that_live_pass_running(start_listener, make_ini, fake_noyo, db_path):
+    fake_noyo.put("difference", difference("d-1"))
+    ini = make_ini(**sync_sections(fake_noyo))
+    assert run_sync(ini).returncode == 0
+    fake_noyo.hold_lists()
+    proc = start_sync(ini)
+    try:
+        wait_until(lambda: running_passes(db_path), 15, "a pass running")
+        listener = start_listener(ini=ini)
+        listener.wait_for_log(r"a sync command is running; passes marked running stay so")
+        listener.wait_for_log(r"periodic sync off")
+        assert len(running_passes(db_path)) == 1
+    finally:
+        fake_noyo.release_lists()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert [r["status"] for r in db_rows(db_path, "SELECT status FROM syncs ORDER BY id")] == ["done", "done"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_sync_ends_its_pass_failed_with_one_line(make_ini, fake_noyo, db_path, sig):
+    fake_noyo.put("difference", difference("d-1"))
+    ini = make_ini(**sync_sections(fake_noyo))
+    assert run_sync(ini).returncode == 0
+    fake_noyo.hold_lists()
+    proc = start_sync(ini)
+    try:
+        wait_until(lambda: running_passes(db_path), 15, "a pass running")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        fake_noyo.release_lists()
+    assert proc.returncode == 1
+    assert [line for line in err.splitlines() if "noyo-listener: error:" in line] == [
+        "noyo-listener: error: sync interrupted by a signal; the pass in progress is recorded failed (what it "
+        "applied stays applied)"]
+    assert "Traceback" not in err
+    last = db_rows(db_path, "SELECT * FROM syncs ORDER BY id DESC LIMIT 1")[0]
+    assert (last["status"], last["error"]) == ("failed", "interrupted")
