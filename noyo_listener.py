@@ -3293,7 +3293,12 @@ class Fetchers:
                                      log_value(claim.kind), log_value(claim.data_id))
                 # A fault of ours, not the API's: the attempt counts all the same,
                 # so the event dies at max_attempts instead of looping.
-                handed_over = self._settle(claim, "retry", f"internal error: {exc.__class__.__name__}: {exc}"[:500])
+                try:
+                    handed_over = self._settle(claim, "retry",
+                                               f"internal error: {exc.__class__.__name__}: {exc}"[:500])
+                except Exception:  # noqa: BLE001 - then its lease returns it
+                    logger.exception("worker cannot settle an object kind=%s id=%s",
+                                     log_value(claim.kind), log_value(claim.data_id))
             finally:
                 if not handed_over:
                     self.release(claim)
