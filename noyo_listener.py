@@ -14,6 +14,16 @@ configuration -> storage -> signature -> HTTP app -> Noyo client -> worker
 
 from __future__ import annotations
 
+import sys
+
+# Checked before anything that needs 3.9 runs, so an older interpreter (that
+# can still parse this file: 3.7 and 3.8) gets one line instead of a traceback.
+# Older ones cannot parse ``from __future__ import annotations``; the bundle's
+# __main__.py checks before importing this module, for every Python.
+if sys.version_info < (3, 9):
+    raise SystemExit("noyo-listener: error: needs Python 3.9 or newer, this is %s (%s); "
+                     "run it with python3.9 or later" % (sys.version.split()[0], sys.executable))
+
 import _thread
 import argparse
 import base64
@@ -38,7 +48,6 @@ import signal
 import socket
 import sqlite3
 import ssl
-import sys
 import threading
 import time
 import urllib.error
@@ -56,6 +65,10 @@ USER_AGENT = f"noyo-listener/{__version__}"
 # The example ini ships this secret so the listener runs as is on a laptop.
 # `serve` warns loudly while it is configured: anyone can read it here.
 DEVELOPMENT_SECRET = "noyo-listener-development-secret-change-me"
+
+# dataclass(slots=True) arrived in Python 3.10. On 3.9 these small records are
+# plain dataclasses: the same fields and behaviour, a little more memory each.
+_SLOTS: dict[str, bool] = {"slots": True} if sys.version_info >= (3, 10) else {}
 
 
 # --- Configuration ---------------------------------------------------------
@@ -454,11 +467,17 @@ def utc_iso(timestamp: float | None = None) -> str:
     return f"{_UTC_SECONDS.text(whole)}.{int((timestamp - whole) * 1000):03d}Z"
 
 
+_FRACTION_RE = re.compile(r"(?<=:\d\d)\.(\d+)")
+
+
 def parse_utc_iso(text: str) -> float:
     """Seconds since the epoch of an ISO 8601 timestamp (naive means UTC)."""
     text = text.strip()
     if text[-1:] in ("Z", "z"):  # fromisoformat reads "Z" only from Python 3.11 on
         text = text[:-1] + "+00:00"
+    # Before 3.11, fromisoformat reads only 3 or 6 fraction digits; give it 6 so
+    # "...:45.1Z" or "...:45.0395871+00:00" mean the same on every Python.
+    text = _FRACTION_RE.sub(lambda m: "." + (m.group(1) + "00000")[:6], text, count=1)
     parsed = dt.datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.timezone.utc)
@@ -935,7 +954,7 @@ _INSERT_DELIVERY = """
 """
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(**_SLOTS)
 class Delivery:
     """How one authentic POST arrived (a row of ``deliveries``)."""
 
@@ -1066,7 +1085,7 @@ FORM_BODY = "body"
 MAX_SIGNATURES = 16  # more entries in one header are ignored (bounded work)
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(**_SLOTS)
 class SignatureMatch:
     secret_name: str
     form: str
@@ -1171,7 +1190,7 @@ class BadEvent(ValueError):
     """An authentic body that cannot be an event (answer 400)."""
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(**_SLOTS)
 class ParsedEvent:
     """What the ``events`` row needs from an authentic body."""
 
