@@ -17,6 +17,7 @@ import venv
 from pathlib import Path
 
 SUPPORTED = [(3, 9), (3, 10), (3, 11), (3, 12), (3, 13)]
+ONE_LINE = "noyo-listener: error: needs Python 3.9 or newer"
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,3 +76,12 @@ def bare_interpreter(scratch: Path) -> tuple[list[str], str]:
     if cannot_import([python, "-I"], "bottle", "waitress"):
         return [python, "-I"], f"a venv without pip of {sys.version.split()[0]} at {target}"
     return [], "every interpreter found (and a fresh venv) can import bottle or waitress"
+
+
+def one_line_refusal(python: str, *args: str) -> None:
+    """``python ARGS --version`` exits 1 with one line saying the version is too old."""
+    done = subprocess.run([python, *args, "--version"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ONE_LINE), done.stderr

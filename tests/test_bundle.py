@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from conftest import MODULE, ROOT, Listener, api_sections, event_body, run_cli, wait_until
-from interpreters import SUPPORTED, bare_interpreter, cannot_import, find_interpreters
+from interpreters import SUPPORTED, bare_interpreter, cannot_import, find_interpreters, one_line_refusal
+
+OLDER = [(2, 7), (3, 6), (3, 7), (3, 8)]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +117,15 @@ def test_bundled_dependencies_win_over_a_path_put_in_front_of_them(bundle, tmp_p
     assert done.stdout.startswith("noyo-listener ")
 
 
+@pytest.mark.parametrize("version", OLDER, ids=[f"{v[0]}.{v[1]}" for v in OLDER])
+def test_the_bundle_on_any_older_python_says_so_in_one_line(bundle, version):
+    """The bundle's __main__.py checks before it imports the module, in syntax even Python 2.7 parses."""
+    python = find_interpreters().get(version)
+    if not python:
+        pytest.skip(f"no Python {version[0]}.{version[1]} on this machine")
+    one_line_refusal(python, str(bundle))
+
+
 def test_bundle_never_overwrites(tmp_path):
     out = tmp_path / "noyo-listener.pyz"
     out.write_text("keep me")
@@ -152,3 +163,33 @@ def test_bundle_from_a_bundle_says_what_to_do(bundle, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs requirements.txt" in lines[0] and "noyo_listener.py bundle OUT" in lines[0]
     assert not out.exists()
+
+
+UNIT = ROOT / "systemd" / "noyo-listener.service"
+DROP_IN = ROOT / "systemd" / "noyo-listener.service.d" / "bundle.conf"
+
+
+def _verify_with_drop_in(tmp_path: Path, bundle: Path, drop_in_text: str) -> subprocess.CompletedProcess:
+    """systemd-analyze verify of the unit plus the drop-in, with the documented /opt layout under tmp."""
+    prefix = tmp_path / "opt" / "noyo-listener"
+    prefix.mkdir(parents=True)
+    os.symlink(bundle, prefix / "noyo-listener.pyz")
+    units = tmp_path / "units"
+    (units / "noyo-listener.service.d").mkdir(parents=True)
+    # Without the venv on disk, the unit verifies only if the drop-in's ExecStart replaces its own.
+    (units / "noyo-listener.service").write_text(UNIT.read_text().replace("/opt/noyo-listener", str(prefix)))
+    (units / "noyo-listener.service.d" / "bundle.conf").write_text(
+        drop_in_text.replace("/opt/noyo-listener", str(prefix)))
+    return subprocess.run(["systemd-analyze", "verify", str(units / "noyo-listener.service")],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="the drop-in runs /usr/bin/python3, absent here")
+def test_bundle_drop_in_verifies_clean_and_replaces_the_venv_command(bundle, tmp_path):
+    result = _verify_with_drop_in(tmp_path, bundle, DROP_IN.read_text())
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+    # The same check sees a drop-in that points at a missing file.
+    broken = _verify_with_drop_in(tmp_path / "broken", bundle,
+                                  DROP_IN.read_text().replace("/usr/bin/python3", "/usr/bin/no-such-python3"))
+    assert broken.returncode != 0 and "no-such-python3" in broken.stderr
