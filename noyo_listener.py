@@ -1581,11 +1581,13 @@ class _HttpPool:
                 data = response.read()
             except (http.client.HTTPException, OSError) as exc:
                 conn.close()
-                if fired.is_set():
+                # A socket operation that timed out has waited the whole timeout
+                # too. (socket.timeout is TimeoutError only from Python 3.10 on.)
+                if fired.is_set() or isinstance(exc, (TimeoutError, socket.timeout)):
                     raise TimeoutError(f"no complete answer within {self.timeout:g}s") from None
                 # A kept-alive connection the server already closed fails at
                 # once; retry that on a fresh one, but never a timeout.
-                if reused and not isinstance(exc, TimeoutError):
+                if reused:
                     continue
                 raise
             finally:
