@@ -2669,22 +2669,17 @@ BUNDLED_DEPENDENCIES = ("bottle", "waitress")
 
 # The bundle's entry point. Kept to syntax that any Python parses (no f-strings),
 # so that an interpreter older than 3.9 says so in one line before it meets the
-# module; and the bundle's own directory goes first on sys.path, so its pinned
-# bottle and waitress win over any installed in the VM's site-packages.
+# module. Python puts the archive itself first on sys.path (after site and any
+# .pth or sitecustomize has run, with -I and -P too), so the bundled bottle and
+# waitress win over any the VM has installed (a test checks).
 BUNDLE_MAIN = '''\
 # noyo-listener bundle: python3 THIS_FILE [--config PATH] COMMAND
-import os
 import sys
 
 if sys.version_info < (3, 9):
     sys.stderr.write("noyo-listener: error: needs Python 3.9 or newer, this is %s (%s); "
                      "run the bundle with python3.9 or later\\n" % (sys.version.split()[0], sys.executable))
     sys.exit(1)
-
-_archive = os.path.dirname(os.path.abspath(__file__))
-while _archive in sys.path:
-    sys.path.remove(_archive)
-sys.path.insert(0, _archive)
 
 import noyo_listener  # noqa: E402
 

@@ -103,7 +103,7 @@ def test_bundle_imports_and_parses_alike_on_every_supported_python(bundle, versi
 
 
 def test_bundled_dependencies_win_over_a_path_put_in_front_of_them(bundle, tmp_path):
-    """A sitecustomize or .pth (old easy-install.pth did this) may put a directory before the archive."""
+    """Even a directory that a sitecustomize or .pth puts first on sys.path (old easy-install.pth did) comes after."""
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "bottle.py").write_text("raise ImportError('the bottle in front of the bundle was imported')\n")
