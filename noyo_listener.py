@@ -2758,17 +2758,20 @@ def write_bundle(out: str, members: list[tuple[str, bytes]]) -> int:
     except OSError as exc:
         raise BundleError(f"cannot create {out}: {exc.strerror}") from None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(b"#!/usr/bin/env python3\n")
-            with zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
-                for arcname, data in members:
-                    info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))  # same input, same bytes
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = 0o644 << 16
-                    archive.writestr(info, data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o755)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"#!/usr/bin/env python3\n")
+                with zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for arcname, data in members:
+                        info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))  # same input, same bytes
+                        info.compress_type = zipfile.ZIP_DEFLATED
+                        info.external_attr = 0o644 << 16
+                        archive.writestr(info, data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temp, 0o755)
+        except OSError as exc:
+            raise BundleError(f"cannot write {temp}: {exc.strerror}") from None
         try:
             os.link(temp, out)
         except FileExistsError:
@@ -2780,9 +2783,9 @@ def write_bundle(out: str, members: list[tuple[str, bytes]]) -> int:
         os.unlink(temp)
 
 
-def build_bundle(out: str, module_path: str | None = None) -> str:
+def build_bundle(out: str) -> str:
     """Bundle this module with the installed, pinned bottle and waitress into ``out``; return a summary."""
-    module_path = os.path.realpath(module_path or __file__)
+    module_path = os.path.realpath(__file__)
     if os.path.lexists(out):
         raise BundleError(f"{out} already exists; choose a new name (bundle never overwrites)")
     requirements = os.path.join(os.path.dirname(module_path), "requirements.txt")

@@ -193,3 +193,25 @@ def test_bundle_drop_in_verifies_clean_and_replaces_the_venv_command(bundle, tmp
     broken = _verify_with_drop_in(tmp_path / "broken", bundle,
                                   DROP_IN.read_text().replace("/usr/bin/python3", "/usr/bin/no-such-python3"))
     assert broken.returncode != 0 and "no-such-python3" in broken.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, smaller than a bundle: a real file system that really fills up (needs root to mount)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)],
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def test_bundle_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
+    out = small_disk / "noyo-listener.pyz"
+    done = run_cli("bundle", str(out))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("noyo-listener: error: cannot write ") and "space" in lines[0]
+    assert list(small_disk.iterdir()) == []
