@@ -2209,9 +2209,9 @@ class Worker:
             "WHERE event_id = ? AND status = 'pending'", rows))
 
     def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
-        """Exponential backoff with full jitter, at least ``Retry-After``."""
+        """Exponential backoff, jittered within [0.5x, 1x] (SPEC), at least ``Retry-After``."""
         ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(attempts - 1, 60))
-        return max(retry_after or 0.0, random.uniform(0, ceiling))
+        return max(retry_after or 0.0, random.uniform(ceiling / 2, ceiling))
 
     def _record_failure(self, claim: _Claim, error: FetchError) -> bool:
         now = time.time()
