@@ -7,6 +7,7 @@ them); the README's fault table is made from those lines.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import random
 import re
@@ -15,6 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -110,8 +112,10 @@ def test_sigkill_under_load_loses_no_acknowledged_event(start_listener, fake_noy
     acked_text = {b.decode() for b in acked}
     missing = acked_text - stored
     assert not missing, f"{len(missing)} acknowledged events are missing"
+    referenced = {json.loads(b)["data"]["id"] for b in acked}
+    assert referenced <= set(rows), f"no row for {sorted(referenced - set(rows))[:5]}"
     for obj in differences:
-        if obj["id"] in rows:
+        if obj["id"] in referenced:
             assert rows[obj["id"]]["state"] == expected_state(obj), obj
             assert rows[obj["id"]]["modified"] == obj["modified"]
     report("sigkill_under_load", events_acknowledged=len(acked), events_found=len(acked_text & stored),
@@ -135,19 +139,25 @@ def test_api_outage_sees_probes_loses_nothing_and_drains(start_listener, fake_no
             stop.wait(0.05)
 
     streamer = threading.Thread(target=stream)
-    phase_seconds = 3.0
+    per_phase = 20  # events sent in each phase: phases end on what happened, not after a fixed time
+
+    def phase_until(what: str, api_saw: Callable[[], int]) -> None:
+        start = len(sent)
+        wait_until(lambda: len(sent) >= start + per_phase and api_saw() >= 2, 60, what)
+
     fake_noyo.stop()  # 1. connection refused
     outage_started = time.monotonic()
     streamer.start()
     try:
-        time.sleep(phase_seconds)  # each phase lasts a fixed time: the outage is the thing measured
+        phase_until("refused attempts", lambda: len(re.findall(r"fetch failed .*ConnectionRefused", listener.log())))
         refused_attempts = len(re.findall(r"fetch failed .*ConnectionRefused", listener.log()))
         fake_noyo.add_fault(Fault("status", times=10**6, status=503))  # 2. 503 for everything
         fake_noyo.start()
-        time.sleep(phase_seconds)
+        phase_until("503 answers", lambda: len(fake_noyo.object_requests()))
         fake_noyo.faults.clear()
+        arrivals_before_slow = len(fake_noyo.arrivals)
         fake_noyo.add_fault(Fault("slow", times=10**6, delay=2.0))  # 3. answers later than the timeout
-        time.sleep(phase_seconds)
+        phase_until("slow answers", lambda: len(fake_noyo.arrivals) - arrivals_before_slow)
         outage_seconds = time.monotonic() - outage_started
         answered_attempts = len(fake_noyo.object_requests())
         arrivals = len(fake_noyo.arrivals)
@@ -166,9 +176,10 @@ def test_api_outage_sees_probes_loses_nothing_and_drains(start_listener, fake_no
         assert conn.execute("SELECT COUNT(*) FROM differences").fetchone()[0] == len(sent)
     assert done == len(sent)
     # Without the global backoff every event would cost at least one request;
-    # with it the API sees about one probe per probe interval (1s here).
-    assert attempts <= outage_seconds * 1.5 + 12, (attempts, len(sent))
-    assert attempts < len(sent) / 4
+    # with it the API sees about one probe per probe interval (1s here), plus
+    # the first failures of the fetches in flight. A loaded machine only makes
+    # probes rarer, so this bound cannot fail from load.
+    assert attempts <= outage_seconds * 1.5 + 12, (attempts, len(sent), outage_seconds)
     report("api_outage", outage_seconds=f"{outage_seconds:.1f}", events_sent=len(sent),
            api_attempts_during_outage=attempts, refused=refused_attempts, answered_or_timed_out=answered_attempts,
            requests_per_minute=f"{attempts / outage_seconds * 60:.0f}", drain_seconds=f"{drain:.1f}")
