@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ import socket
 import sqlite3
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -179,6 +181,17 @@ def _optional(text: str) -> str:
     return text.strip()
 
 
+def _optional_ip_address(text: str) -> str:
+    """Empty, or an IP address in the spelling waitress compares peers with."""
+    text = text.strip()
+    if not text:
+        return ""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError("must be the IP address the proxy connects from, like 127.0.0.1, or empty") from None
+
+
 # (section, key) -> (converter, default, is_secret). The default is ini text,
 # converted like any value from the file, so check-config shows one truth.
 _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
@@ -188,6 +201,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
         "path": (_url_path, "/noyo/webhooks", False),
         "threads": (_int_in(1, 256), "16", False),  # measured: see README, Performance
         "max_body_bytes": (_int_in(1, 64 * 1024 * 1024), "1048576", False),
+        # A TLS proxy in front: when it is the peer, its X-Forwarded-For names the client in logs.
+        "trusted_proxy": (_optional_ip_address, "", False),
     },
     "webhook": {
         "secrets": (parse_secrets, "", True),
@@ -200,6 +215,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
         "synchronous": (_choice("OFF", "NORMAL", "FULL", "EXTRA"), "FULL", False),
         "dedupe_days": (_int_in(1, 3650), "30", False),
         "busy_timeout": (_duration_at_least(0.001), "5s", False),
+        # external: no checkpoint of our own; a WAL replicator (Litestream) does them
+        "checkpoints": (_choice("auto", "external"), "auto", False),
     },
     "noyo_api": {
         "client_id": (_optional, "", False),  # an identifier; may come from env/credentials all the same
@@ -289,8 +306,24 @@ def _read_secret_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str]
     return found
 
 
-def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
-    """Read and validate the ini at ``path``; raise ConfigError with one line."""
+# What a command needs beyond a valid ini, checked by require(). Commands that
+# only read or maintain the database need none of it, so they work on the
+# production layout, where the secrets are systemd credentials that an
+# operator's shell does not see. A command declares what it needs (the
+# parser's ``needs``); one that declares nothing needs nothing.
+NEEDS_WEBHOOK_SECRETS = "webhook_secrets"  # [webhook] secrets is set
+NEEDS_API = "api"  # [noyo_api] and [fetch] are safe to use as configured (credentials may be absent)
+NEEDS_API_CREDENTIALS = "api_credentials"  # NEEDS_API, and client_id and client_secret are set
+SERVE_NEEDS = (NEEDS_WEBHOOK_SECRETS, NEEDS_API)  # serve, check-config and SIGHUP reload
+
+
+def load_settings(path: str, environ: dict[str, str] | None = None, needs: Iterable[str] = ()) -> Settings:
+    """Read and validate the ini at ``path``; raise ConfigError with one line.
+
+    ``needs`` (see NEEDS_*) adds the checks of what the caller will use:
+    `serve` needs the webhook secrets and a safe API setup; `status` needs
+    neither.
+    """
     environ = dict(os.environ if environ is None else environ)
     parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
     try:
@@ -340,6 +373,7 @@ def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
     fetch = _fetch_templates(parser["fetch"] if parser.has_section("fetch") else {})
     settings = Settings(values=values, fetch=fetch, sources=sources, config_path=path)
     _validate_together(settings)
+    require(settings, needs)
     return settings
 
 
@@ -366,13 +400,7 @@ def _fetch_templates(entries: Any) -> dict[str, str]:
 
 def _validate_together(settings: Settings) -> None:
     """Refuse combinations of keys that are each valid but wrong together."""
-    webhook, database, worker, api = (
-        settings["webhook"], settings["database"], settings["worker"], settings["noyo_api"])
-    if not webhook["secrets"]:
-        raise ConfigError(
-            "[webhook] secrets is empty: set it in the ini, in NOYO_WEBHOOK_SECRETS "
-            "or as the systemd credential NOYO_WEBHOOK_SECRETS"
-        )
+    webhook, database, worker = settings["webhook"], settings["database"], settings["worker"]
     if webhook["max_timestamp_age"] > database["dedupe_days"] * 86400:
         raise ConfigError(
             "[webhook] max_timestamp_age must not exceed [database] dedupe_days, or a replay "
@@ -384,8 +412,81 @@ def _validate_together(settings: Settings) -> None:
             f"[worker] backoff_max must be >= backoff_initial (got {format_duration(worker['backoff_max'])} "
             f"< {format_duration(worker['backoff_initial'])})"
         )
-    if bool(api["client_id"]) != bool(api["client_secret"]):
-        raise ConfigError("[noyo_api] set both client_id and client_secret, or neither (fetching off)")
+
+
+def require(settings: Settings, needs: Iterable[str]) -> None:
+    """Refuse settings that lack what a command needs (see NEEDS_*); one line."""
+    needs = set(needs)
+    api = settings["noyo_api"]
+    if NEEDS_WEBHOOK_SECRETS in needs and not settings["webhook"]["secrets"]:
+        raise ConfigError(
+            "[webhook] secrets is empty: set it in the ini, in NOYO_WEBHOOK_SECRETS "
+            "or as the systemd credential NOYO_WEBHOOK_SECRETS"
+        )
+    if needs & {NEEDS_API, NEEDS_API_CREDENTIALS}:
+        if bool(api["client_id"]) != bool(api["client_secret"]):
+            raise ConfigError("[noyo_api] set both client_id and client_secret, or neither (fetching off)")
+        for key in ("token_url", "tracking_url", "fulfillment_url"):
+            check_api_url(f"[noyo_api] {key}", api[key])
+        check_url_templates(settings, "fetch", settings.fetch)
+    if NEEDS_API_CREDENTIALS in needs and not settings.fetching_enabled:
+        raise ConfigError(
+            "[noyo_api] client_id and client_secret are not set: set them in the ini, in NOYO_CLIENT_ID and "
+            "NOYO_CLIENT_SECRET, or as the systemd credentials of those names"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_url(where: str, url: str) -> None:
+    """Refuse a URL the worker cannot reach (no scheme or host) or would send a
+    token or the client secret over in clear (http:// to a host that is not
+    this machine)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        host, parts = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{where}: {url!r} is not an http:// or https:// URL with a host; "
+                          "write it like https://tracking.noyo.com/...")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ConfigError(f"{where}: {url!r} would send credentials and tokens in clear to {host}; "
+                          "use https:// (plain http:// is allowed only to a loopback address like 127.0.0.1)")
+
+
+def check_url_templates(settings: Settings, section: str, templates: dict[str, str]) -> None:
+    """Check each URL template of ``section`` ([fetch], [lists]) as it resolves
+    with the [noyo_api] URLs: a scheme, a host, https unless loopback."""
+    api = settings["noyo_api"]
+    for kind, template in templates.items():
+        try:
+            url = template.format(id="ID", tracking_url=api["tracking_url"], fulfillment_url=api["fulfillment_url"])
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"[{section}] {kind}: only {{id}}, {{tracking_url}} and {{fulfillment_url}} "
+                              f"may appear in the template (got {template!r})") from None
+        check_api_url(f"[{section}] {kind}", url)
+
+
+def settings_warnings(settings: Settings) -> list[str]:
+    """Valid settings an operator should know are weaker than the defaults
+    (`serve` logs each once at start; check-config prints them)."""
+    warnings = []
+    synchronous = settings["database"]["synchronous"]
+    if synchronous in ("OFF", "NORMAL"):
+        warnings.append(f"[database] synchronous = {synchronous}: a 200 no longer means the event survives a "
+                        "power loss or OS crash (FULL, the default, does)")
+    if settings["webhook"]["max_timestamp_age"] == 0:
+        warnings.append("[webhook] max_timestamp_age = 0: the timestamp check is off, so a captured request "
+                        "can be replayed once its event id has been pruned (after dedupe_days)")
+    return warnings
 
 
 def mask_secret(secret: str) -> str:
@@ -573,7 +674,8 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mode: str = "write") -> sqlite3.Connection:
+def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mode: str = "write",
+            checkpoints: str = "auto") -> sqlite3.Connection:
     """Open ``path`` with the pragmas every connection of this program uses.
 
     ``mode`` is ``write`` (sets up WAL, synchronous and auto_vacuum: only the
@@ -584,12 +686,17 @@ def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mod
     Autocommit mode: writers say ``BEGIN IMMEDIATE`` themselves, so a
     transaction never upgrades from read to write halfway (which can fail
     with SQLITE_BUSY regardless of the busy timeout).
+
+    ``checkpoints = "external"`` (``[database] checkpoints``) leaves every WAL
+    checkpoint to a replicator such as Litestream, see ``leave_checkpoints_to_others``.
     """
     if mode == "readonly":
         uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if checkpoints == "external":
+        leave_checkpoints_to_others(conn)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     if mode == "write":
         # Lets prune give pages back. Only takes effect on a new, empty file,
@@ -601,6 +708,25 @@ def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mod
             raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {journal}); is it on a network filesystem?")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
     return conn
+
+
+def leave_checkpoints_to_others(conn: sqlite3.Connection) -> None:
+    """Make ``conn`` start no WAL checkpoint by itself.
+
+    A replicator that streams the WAL (Litestream) wants to be the only one
+    that checkpoints: it copies frames before it lets them leave the WAL.
+    SQLite checkpoints on its own in two places: after a commit that takes
+    the WAL past ``wal_autocheckpoint`` pages, and when the last connection
+    to the database closes. The first is turned off here for every
+    connection; the second can be turned off only from Python 3.12 on
+    (``setconfig``). Before that it cannot happen while the replicator runs,
+    because the replicator's own open connection means ours is never the
+    last one (tests/test_litestream.py).
+    """
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    no_checkpoint_on_close = getattr(sqlite3, "SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE", None)
+    if no_checkpoint_on_close is not None and hasattr(conn, "setconfig"):
+        conn.setconfig(no_checkpoint_on_close, True)
 
 
 def _create_private_file(path: str) -> None:
@@ -708,10 +834,13 @@ class Store:
 
     MAX_BATCH = 256
 
-    def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = 5.0,
+                 checkpoints: str = "auto") -> None:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
+        # "external": this process runs no checkpoint at all ([database] checkpoints)
+        self.checkpoints = checkpoints
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -728,7 +857,7 @@ class Store:
         require_directory_of(self.path)
         try:
             _create_private_file(self.path)
-            conn = connect(self.path, self.synchronous, self.busy_timeout)
+            conn = connect(self.path, self.synchronous, self.busy_timeout, checkpoints=self.checkpoints)
             migrate(conn, self.path)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
@@ -740,8 +869,9 @@ class Store:
         self._conn = conn
         self._writer = threading.Thread(target=self._run_writer, name="noyo-writer", daemon=True)
         self._writer.start()
-        self._checkpointer = threading.Thread(target=self._run_checkpointer, name="noyo-checkpoint", daemon=True)
-        self._checkpointer.start()
+        if self.checkpoints == "auto":
+            self._checkpointer = threading.Thread(target=self._run_checkpointer, name="noyo-checkpoint", daemon=True)
+            self._checkpointer.start()
 
     CHECKPOINT_EVERY = 1.0  # seconds
 
@@ -800,7 +930,12 @@ class Store:
         return job.result
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database and truncate it (cannot run inside a transaction)."""
+        """Copy the WAL into the database and truncate it (cannot run inside a transaction).
+
+        Does nothing with ``checkpoints = external``: the replicator checkpoints.
+        """
+        if self.checkpoints == "external":
+            return
         conn = self.read()
         try:
             self._checkpoint(conn, "TRUNCATE")
@@ -809,7 +944,7 @@ class Store:
 
     def read(self) -> sqlite3.Connection:
         """A new connection for reading (WAL readers never block the writer)."""
-        return connect(self.path, self.synchronous, self.busy_timeout, mode="read")
+        return connect(self.path, self.synchronous, self.busy_timeout, mode="read", checkpoints=self.checkpoints)
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued, stop the writer, close. Safe to call twice."""
@@ -829,7 +964,8 @@ class Store:
             logger.info("database writer stopped commits=%d writes=%d writes_per_commit=%.1f",
                         self.commits, self.jobs_committed, self.jobs_committed / self.commits)
         if self._conn is not None:
-            self._checkpoint(self._conn, "TRUNCATE")
+            if self.checkpoints == "auto":
+                self._checkpoint(self._conn, "TRUNCATE")
             self._conn.close()
             self._conn = None
 
@@ -989,6 +1125,18 @@ def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
     return row[0] if row else None
 
 
+DAEMON_VIEW_KEY = "api_state"  # the meta row `status` reads the daemon's own view from
+
+
+def record_daemon_view(store: "Store", fetching: bool, api: dict) -> None:
+    """Record what `serve` itself sees: whether it fetches and the API state
+    (``api``: at least ``state``). `status` runs in another process, often
+    without the credentials, so it reads this row instead of guessing from
+    its own environment. Call it whenever either changes."""
+    view = {**api, "fetching": fetching, "pid": os.getpid(), "recorded_at": utc_iso()}
+    store.write(lambda conn: set_meta(conn, DAEMON_VIEW_KEY, json.dumps(view)))
+
+
 PRUNE_BATCH = 2000  # rows per transaction: ingestion never waits long behind a prune
 
 
@@ -1024,38 +1172,182 @@ def prune(store: "Store", dedupe_days: int, include_dead: bool = False, now: flo
     return total_events, total_deliveries
 
 
+def own_like_directory(fd: int, directory: str) -> None:
+    """Give the open file ``fd`` the owner and group of ``directory`` when
+    running as root. Under ``DynamicUser=`` the service runs as a user of its
+    own, and systemd does not re-own files inside a state directory that
+    already has the right owner: a root-owned file there would make `serve`
+    fail with EACCES and restart in a loop."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(directory)
+    os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
 class InstanceLock:
-    """One `serve` per database: a second one would race the first's worker."""
+    """One `serve` per database: a second one would race the first's worker.
+    `restore` takes it too, so that no `serve` starts while it writes."""
+
+    # `status` takes the lock shared for an instant to see whether a `serve`
+    # holds it; a `serve` starting at that very instant waits this long.
+    ACQUIRE_PATIENCE = 1.0
 
     def __init__(self, db_path: str) -> None:
         self.db_path = db_path
         self.path = db_path + ".lock"
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, busy_message: str | None = None) -> None:
+        """Take the lock or raise StoreError (``busy_message`` when another holds it)."""
         require_directory_of(self.path)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            own_like_directory(fd, os.path.dirname(os.path.abspath(self.path)))
         except OSError as exc:
             raise StoreError(f"cannot create lock file {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise StoreError(
-                    f"another noyo-listener is already serving {os.path.abspath(self.db_path)} "
-                    f"(lock {self.path} is held); stop it first"
-                ) from None
-            raise StoreError(f"cannot lock {self.path}: {exc.strerror}") from None
+        deadline = time.monotonic() + self.ACQUIRE_PATIENCE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EACCES) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise StoreError(busy_message or (
+                        f"another noyo-listener is already serving {os.path.abspath(self.db_path)} "
+                        f"(lock {self.path} is held); stop it first")) from None
+                raise StoreError(f"cannot lock {self.path}: {exc.strerror}") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    @staticmethod
+    def holder(db_path: str) -> tuple[bool | None, int | None]:
+        """Whether a process (a `serve`) holds the lock of ``db_path``, and its
+        pid: ``(True, pid)``, ``(False, None)``, or ``(None, None)`` when this
+        user may not look. Takes the lock shared for an instant, never waits."""
+        path = db_path + ".lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False, None
+        except OSError:
+            return None, None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    return None, None
+                text = os.read(fd, 32).decode("ascii", "replace").strip()
+                return True, int(text) if text.isdigit() else None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False, None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def check_backup(source: str) -> tuple[int, int]:
+    """Refuse ``source`` unless it is an intact noyo-listener database of a
+    schema this program understands; return (schema version, events)."""
+    if not os.path.isfile(source):
+        raise StoreError(f"{source} does not exist or is not a file; nothing was changed")
+    try:
+        conn = connect(source, mode="readonly")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {source}: {exc}; nothing was changed") from None
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] if "events" in tables else 0
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{source} cannot be read as a SQLite database ({exc}): it is damaged or not a "
+                         "backup; nothing was changed") from None
+    finally:
+        conn.close()
+    if problems != ["ok"]:
+        raise StoreError(f"{source} fails SQLite's integrity check ({problems[0]}); nothing was changed: "
+                         "pick another backup")
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{source} has schema version {version}, newer than this program's {SCHEMA_VERSION}; "
+                         "restore it with the newer noyo_listener.py; nothing was changed")
+    if version < 1 or "events" not in tables:
+        raise StoreError(f"{source} is not a noyo-listener database (no events table); nothing was changed")
+    return version, events
+
+
+def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_if_present(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def restore_database(source: str, target: str) -> None:
+    """Put a copy of ``source`` in place of the database ``target``; the caller
+    holds the instance lock (no `serve` runs).
+
+    The copy is written through SQLite's backup API into a temporary file in
+    the target's directory (mode 0600, owned like the directory), checked,
+    made self-contained (no WAL) and fsynced, then renamed over the target:
+    at every moment the target is the old database or the whole new one.
+    """
+    directory = os.path.dirname(os.path.abspath(target))
+    require_directory_of(target)
+    fd, temporary = tempfile.mkstemp(prefix=os.path.basename(target) + ".restore-", suffix=".tmp", dir=directory)
+    renamed = False
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # it holds member data
+            own_like_directory(fd, directory)
+        finally:
+            os.close(fd)
+        source_conn = connect(source, mode="readonly")
+        copy = sqlite3.connect(temporary, isolation_level=None)
+        try:
+            source_conn.backup(copy)  # one step: a single consistent snapshot
+            check = copy.execute("PRAGMA quick_check").fetchone()[0]
+            # The copy must be one file: a WAL beside it would not follow the rename.
+            journal = copy.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+        finally:
+            copy.close()
+            source_conn.close()
+        if check != "ok" or journal.lower() != "delete" or os.path.exists(temporary + "-wal"):
+            raise StoreError(f"the copy of {source} did not check out (quick_check: {check}); nothing was changed")
+        _fsync_path(temporary)
+        # The old database's WAL, shared memory and rollback journal go first:
+        # SQLite would replay a stale WAL or journal into the new file. A crash
+        # right here leaves the old database as of its last checkpoint.
+        for suffix in ("-wal", "-shm", "-journal"):
+            _unlink_if_present(target + suffix)
+        os.replace(temporary, target)
+        renamed = True
+        _fsync_path(directory)  # the rename itself survives a power loss
+    except sqlite3.Error as exc:
+        raise StoreError(f"restore of {source} failed: {exc}; nothing was changed") from None
+    except OSError as exc:
+        raise StoreError(f"restore of {source} into {directory} failed: {exc.strerror or exc}") from None
+    finally:
+        if not renamed:
+            for leftover in (temporary, temporary + "-journal", temporary + "-wal", temporary + "-shm"):
+                _unlink_if_present(leftover)
 
 
 # --- Signature -------------------------------------------------------------
@@ -1202,6 +1494,25 @@ def _json_error(message: str) -> bytes:
     return json.dumps({"ok": False, "error": message}).encode()
 
 
+# Printable ASCII but space, '"', '=' and backslash: such a value cannot end
+# its field early, start a new line or add a key=value of its own.
+_BARE_LOG_VALUE = re.compile(r'[!#-<>-\[\]-~]+')
+
+
+def log_value(value: Any) -> str:
+    """``value`` (anything a request chose: path, header, event id or type) as
+    one field of a key=value log line: as is when it is plain, else quoted
+    with JSON escapes, so a hostile value can neither start a new line (no
+    CR, LF or other control character survives) nor add a field. None is
+    ``-``. Every request-derived value in a log line goes through here."""
+    if value is None:
+        return "-"
+    text = value if isinstance(value, str) else str(value)
+    if _BARE_LOG_VALUE.fullmatch(text):
+        return text
+    return json.dumps(text)  # ensure_ascii: everything outside printable ASCII becomes an escape
+
+
 class BadEvent(ValueError):
     """An authentic body that cannot be an event (answer 400)."""
 
@@ -1330,12 +1641,12 @@ class Receiver:
         """The one line each request gets: never a payload, never a secret."""
         elapsed = f"{(time.perf_counter() - started) * 1000:.1f}" if started is not None else "-"
         logger.log(level, "request method=%s path=%s status=%d ms=%s %s remote=%s",
-                   environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status, elapsed, details,
-                   environ.get("REMOTE_ADDR", "-"))
+                   log_value(environ.get("REQUEST_METHOD")), log_value(environ.get("PATH_INFO")), status, elapsed,
+                   details, log_value(environ.get("REMOTE_ADDR")))
 
     def _reject(self, status: int, reason: str, environ: dict, started: float, message: str) -> bottle.HTTPResponse:
         self._log_request(logging.WARNING, environ, status, started,
-                          f"reason={reason} trace={environ.get('HTTP_X_CLOUD_TRACE_CONTEXT', '-')}")
+                          f"reason={reason} trace={log_value(environ.get('HTTP_X_CLOUD_TRACE_CONTEXT'))}")
         return self._answer(status, _json_error(message))
 
     def receive_webhook(self) -> bottle.HTTPResponse:
@@ -1376,15 +1687,16 @@ class Receiver:
             trace_context=environ.get("HTTP_X_CLOUD_TRACE_CONTEXT"),
             secret_name=match.secret_name, signature_form=match.form,
         )
-        event_fields = f"event_id={parsed.event_id} type={parsed.type or '-'}"
+        event_fields = f"event_id={log_value(parsed.event_id)} type={log_value(parsed.type or None)}"
         try:
             duplicate = self.store.write(None, batch_fn=store_events, item=(parsed, delivery))
         except StoreError as exc:
-            self._log_request(logging.ERROR, environ, 503, started, f"{event_fields} reason=not_stored error={exc}")
+            self._log_request(logging.ERROR, environ, 503, started,
+                              f"{event_fields} reason=not_stored error={log_value(str(exc))}")
             return self._answer(503, _json_error("cannot store the event now; retry later"))
         self._log_request(logging.INFO, environ, 200, started,
                           f"{event_fields} stored={parsed.status} duplicate={int(duplicate)} "
-                          f"secret={match.secret_name} form={match.form}")
+                          f"secret={log_value(match.secret_name)} form={match.form}")
         if not duplicate and parsed.status == "pending" and self.worker is not None:
             self.worker.wake_for_new_event()
         return self._answer(200, _OK_DUPLICATE if duplicate else _OK)
@@ -1426,7 +1738,7 @@ class Receiver:
     def _error_page(self, error: bottle.HTTPError) -> bytes:
         environ = bottle.request.environ
         if error.status_code == 500:
-            self._log_request(logging.ERROR, environ, 500, None, f"error={error.exception!r}")
+            self._log_request(logging.ERROR, environ, 500, None, f"error={log_value(repr(error.exception))}")
         else:
             reason = "_".join(error.status_line.split(" ", 1)[1].lower().split())  # not_found, method_not_allowed
             self._log_request(logging.INFO, environ, error.status_code, None, f"reason={reason}")
@@ -1441,7 +1753,8 @@ class _LoggedErrorTask(waitress.task.ErrorTask):
     def execute(self) -> None:
         error = self.request.error
         logger.warning("request rejected by the http layer status=%d reason=%s remote=%s",
-                       error.code, "_".join(error.reason.lower().split()), self.channel.addr[0] if self.channel.addr else "-")
+                       error.code, log_value("_".join(error.reason.lower().split())),
+                       log_value(self.channel.addr[0] if self.channel.addr else None))
         super().execute()
 
 
@@ -1488,6 +1801,13 @@ def create_http_server(settings: Settings, app: Callable) -> Any:
         connection_limit=1000,
         channel_timeout=60,
         expose_tracebacks=False,
+        # With a TLS proxy in front, every peer is the proxy: when the peer is
+        # [server] trusted_proxy, waitress puts the last X-Forwarded-For hop
+        # (the address the proxy saw) in REMOTE_ADDR. From anyone else the
+        # header is dropped, so a client cannot choose the address we log.
+        **({"trusted_proxy": server_cfg["trusted_proxy"], "trusted_proxy_count": 1,
+            "trusted_proxy_headers": {"x-forwarded-for"}} if server_cfg["trusted_proxy"] else {}),
+        clear_untrusted_proxy_headers=True,
     )
     server.channel_class = _Channel
     return server
@@ -2138,7 +2458,8 @@ class Worker:
                     self._inflight[claim.key] = time.monotonic()  # what stalled() measures
                 handed_over = self._fetch_and_record(claim, url)
             except Exception:  # noqa: BLE001 - one bad object must not stop the fetcher
-                logger.exception("worker failed on an object kind=%s id=%s", claim.kind, claim.data_id)
+                logger.exception("worker failed on an object kind=%s id=%s",
+                                 log_value(claim.kind), log_value(claim.data_id))
             finally:
                 if not handed_over:
                     self._release(claim)
@@ -2163,7 +2484,8 @@ class Worker:
                 # The lease returns these events; they are fetched again later.
                 logger.error("worker cannot record a fetch outcome error=%s", exc)
             except Exception:  # noqa: BLE001 - the recorder must outlive one bad line
-                logger.exception("worker recorder failed kind=%s id=%s", claim.kind, claim.data_id)
+                logger.exception("worker recorder failed kind=%s id=%s",
+                                 log_value(claim.kind), log_value(claim.data_id))
             finally:
                 self._release(claim)
 
@@ -2195,8 +2517,8 @@ class Worker:
             set_meta(conn, "last_fetch_ok_at", fetched_at)
 
         return self._write_outcome(claim, record, (
-            logging.INFO, "object fetched kind=%s id=%s events=%d ms=%.1f", claim.kind, claim.data_id,
-            len(event_ids), (time.monotonic() - started) * 1000))
+            logging.INFO, "object fetched kind=%s id=%s events=%d ms=%.1f", log_value(claim.kind),
+            log_value(claim.data_id), len(event_ids), (time.monotonic() - started) * 1000))
 
     def _give_back(self, claim: _Claim) -> bool:
         """A queued claim whose turn came after the API started failing: not
@@ -2234,7 +2556,7 @@ class Worker:
         dead = sum(1 for u in updates if u[0] == "dead")
         return self._write_outcome(claim, record, (
             logging.ERROR if dead else logging.WARNING, "fetch failed kind=%s id=%s events=%d dead=%d error=%s",
-            claim.kind, claim.data_id, len(updates), dead, message))
+            log_value(claim.kind), log_value(claim.data_id), len(updates), dead, message))
 
     def _write_outcome(self, claim: _Claim, fn: Callable[[sqlite3.Connection], None],
                        line: tuple | None = None) -> bool:
@@ -2255,7 +2577,7 @@ class Worker:
         self.health.changed = False
         snapshot = self.health.snapshot() if self.client else {"state": "fetching_off", "until": None}
         try:
-            self.store.write(lambda conn: set_meta(conn, "api_state", json.dumps(snapshot)))
+            record_daemon_view(self.store, fetching=self.client is not None, api=snapshot)
         except StoreError as exc:
             logger.warning("cannot record api state error=%s", exc)
 
@@ -2285,9 +2607,16 @@ def sd_notify(message: str) -> bool:
 
 
 def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings systemd expects (None when it expects none)."""
+    """Seconds between WATCHDOG=1 pings systemd expects (None when it expects none).
+
+    systemd names the process it watches in WATCHDOG_PID. That is us, or the
+    process that started us when it is a wrapper that passes its environment
+    on and does not ping itself: ``litestream replicate -exec`` (the unit's
+    main process in systemd/noyo-listener.service.d/litestream.conf, with
+    NotifyAccess=all so that our pings count).
+    """
     usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
+    if not usec or (pid and pid not in (str(os.getpid()), str(os.getppid()))):
         return None
     try:
         return int(usec) / 1_000_000
@@ -2322,10 +2651,12 @@ class Housekeeper:
         self.reload_requested = True
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop the chores (``wait``: and the thread, up to 5 s)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(5)
+        if wait:
+            self._thread.join(5)
 
     def _run(self) -> None:
         self._prune_if_due()
@@ -2351,8 +2682,8 @@ class Housekeeper:
         problems = self.service.self_check(timeout=self.watchdog / 2)
         if not problems:
             sd_notify("WATCHDOG=1")
-        elif time.monotonic() - self._unhealthy_logged > 30:
-            self._unhealthy_logged = time.monotonic()
+        elif time.monotonic() - self._unhealthy_logged > 30 and not self._stop.is_set():
+            self._unhealthy_logged = time.monotonic()  # (a check that met the shutdown is no news)
             logger.error("withholding the systemd watchdog ping problems=%s", json.dumps("; ".join(problems)))
 
     def _report_status(self) -> None:
@@ -2373,26 +2704,61 @@ class Housekeeper:
                 self._next_prune = time.monotonic() + 3600
 
 
-def _finish_queued_requests_at_shutdown(dispatcher: Any, grace: float) -> None:
-    """Make waitress finish queued requests before it stops its threads.
+def _receiving_a_request(channel: Any) -> bool:
+    """Whether a connection's request has its headers in and its body on the way."""
+    request = getattr(channel, "request", None)
+    return request is not None and request.headers_finished and not request.completed
+
+
+def _idle(channel: Any) -> bool:
+    """A connection with nothing to finish: no request being received, run or answered."""
+    return (getattr(channel, "request", None) is None and not getattr(channel, "requests", None)
+            and not getattr(channel, "total_outbufs_len", 0))
+
+
+def _finish_requests_at_shutdown(server: Any, grace: float, on_stop: Callable[[], None]) -> None:
+    """Make waitress finish the requests it has begun before it stops its threads.
 
     On SystemExit waitress calls ``task_dispatcher.shutdown()``, which lets
-    running tasks finish but cancels queued ones: their clients would get a
-    closed connection. Wait (bounded) for the queue to drain first. Relies on
-    waitress internals (``queue``, ``active_count``, ``lock``);
-    tests/test_waitress_internals.py fails if they change.
+    running tasks finish but cancels queued ones, and its I/O loop has
+    stopped, so a request whose body is still arriving is never read: both
+    clients would get a closed connection. Instead, for up to ``grace``
+    seconds: call ``on_stop``, stop accepting (the listening socket
+    closes), close idle keep-alive connections, and keep the loop reading
+    the connections that are receiving a request, until every request
+    received is run. Relies on
+    waitress internals (the dispatcher's ``queue``, ``active_count``,
+    ``lock``; the server's ``_map``; a channel's ``request`` parser with
+    ``headers_finished`` and ``completed``); tests/test_waitress_internals.py
+    fails if they change.
     """
+    dispatcher = server.task_dispatcher
     original = dispatcher.shutdown
 
     def shutdown(cancel_pending: bool = True, timeout: float = grace) -> bool:
         logger.info("stop requested; finishing requests in flight")
+        on_stop()
+        # The listening socket only: the loop's trigger stays, so a task that
+        # ends still wakes the loop below.
+        waitress.wasyncore.dispatcher.close(server)
+        channels = server._map
         deadline = time.monotonic() + grace
+        receiving = 0
         while time.monotonic() < deadline:
+            receiving = 0
+            for channel in list(channels.values()):
+                if isinstance(channel, waitress.channel.HTTPChannel):
+                    if _receiving_a_request(channel):
+                        receiving += 1
+                    elif _idle(channel):
+                        channel.close()  # nothing new starts on a kept-alive connection
             with dispatcher.lock:
                 busy = len(dispatcher.queue) + dispatcher.active_count
-            if not busy:
+            if not busy and not receiving:
                 break
-            time.sleep(0.01)
+            waitress.wasyncore.loop(timeout=0.05, map=channels, use_poll=True, count=1)
+        if receiving:
+            logger.warning("stopping with requests still arriving count=%d; their senders retry", receiving)
         return original(cancel_pending=cancel_pending, timeout=max(0.1, deadline - time.monotonic()))
 
     dispatcher.shutdown = shutdown
@@ -2401,14 +2767,14 @@ def _finish_queued_requests_at_shutdown(dispatcher: Any, grace: float) -> None:
 class Service:
     """`serve`: the store, the worker, the HTTP server, and their lifecycle."""
 
-    REQUESTS_GRACE = 5.0  # seconds for requests in flight (running or queued) to finish
+    REQUESTS_GRACE = 5.0  # seconds for requests in flight (arriving, queued or running) to finish
     SHUTDOWN_FLUSH = 2.0  # seconds to send the answers of requests that finished
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         db = settings["database"]
         self.lock = InstanceLock(db["path"])
-        self.store = Store(db["path"], db["synchronous"], db["busy_timeout"])
+        self.store = Store(db["path"], db["synchronous"], db["busy_timeout"], db["checkpoints"])
         self.worker: Worker | None = None
         self.receiver: Receiver | None = None
         self.server: Any = None
@@ -2427,7 +2793,13 @@ class Service:
         except OSError as exc:
             raise StoreError(f"cannot listen on {server['host']}:{server['port']}: {exc.strerror}; "
                              "is another program using the port?") from None
-        _finish_queued_requests_at_shutdown(self.server.task_dispatcher, self.REQUESTS_GRACE)
+        _finish_requests_at_shutdown(self.server, self.REQUESTS_GRACE, self._stopping)
+
+    def _stopping(self) -> None:
+        """The stop has begun: tell systemd, and end the periodic chores now (a
+        watchdog self-check would find the port closed and cry wolf)."""
+        sd_notify("STOPPING=1")
+        self.housekeeper.stop(wait=False)
 
     @property
     def self_address(self) -> tuple[str, int]:
@@ -2531,7 +2903,7 @@ class Service:
         """SIGHUP: re-read [webhook] and [log]; keep everything if the file is broken."""
         assert self.receiver is not None
         try:
-            new = load_settings(self.settings.config_path)
+            new = load_settings(self.settings.config_path, needs=SERVE_NEEDS)
         except ConfigError as exc:
             logger.error("reload failed, keeping the running settings: %s", exc)
             return
@@ -2572,6 +2944,13 @@ class _Shutdown(SystemExit):
 _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
+def _escape_unprintable(text: str) -> str:
+    """``text`` with every character that is not printable (newlines, CR,
+    escape sequences, Unicode line separators) written as a ``\\x``/``\\u`` escape."""
+    return "".join(char if char.isprintable() else json.dumps(char)[1:-1] if ord(char) > 0xff
+                   else f"\\x{ord(char):02x}" for char in text)
+
+
 class _LineFormatter(logging.Formatter):
     """``<time> LEVEL message``; under systemd ``<N>LEVEL message`` instead: the
     journal adds the time, and the ``<N>`` priority makes ``journalctl -p
@@ -2592,10 +2971,15 @@ class _LineFormatter(logging.Formatter):
         return f"{self._seconds.text(whole)},{int((created - whole) * 1000):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if not message.isprintable():
+            # A second line of defence behind log_value(), for messages from
+            # libraries (waitress) too: one record is one line, whatever it holds.
+            message = _escape_unprintable(message)
         if self.journal:
-            line = f"<{_PRIORITIES.get(record.levelno, 6)}>{record.levelname} {record.getMessage()}"
+            line = f"<{_PRIORITIES.get(record.levelno, 6)}>{record.levelname} {message}"
         else:
-            line = f"{self._clock(record.created)} {record.levelname} {record.getMessage()}"
+            line = f"{self._clock(record.created)} {record.levelname} {message}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
@@ -2625,21 +3009,29 @@ def _config_path(args: argparse.Namespace) -> str:
     return args.config or os.environ.get("NOYO_LISTENER_CONFIG") or "noyo_listener.ini"
 
 
+def settings_for(args: argparse.Namespace) -> Settings:
+    """The settings, checked for what this command needs (its parser's
+    ``needs``; a command that declares nothing needs no secrets)."""
+    return load_settings(_config_path(args), needs=getattr(args, "needs", ()))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the ini exactly as `serve` does and print the effective settings."""
-    settings = load_settings(_config_path(args))
+    settings = settings_for(args)
     print("\n".join(describe_settings(settings)))
     if not settings.fetching_enabled:
         print("# fetching is off: [noyo_api] client_id and client_secret are not set")
     if any(secret == DEVELOPMENT_SECRET for _, secret in settings["webhook"]["secrets"]):
         print("# WARNING: [webhook] secrets holds the public development secret; replace it before production")
+    for warning in settings_warnings(settings):
+        print(f"# WARNING: {warning}")
     print("# configuration is valid")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP server and the worker until SIGTERM or SIGINT."""
-    settings = load_settings(_config_path(args))
+    settings = settings_for(args)
     logging.getLogger().setLevel(settings["log"]["level"])
     # waitress logs "Task queue depth is N" for every request that waits for a
     # thread: under load that is one formatted WARNING per request on its I/O
@@ -2669,6 +3061,11 @@ def _log_startup(settings: Settings, host: str, port: int) -> None:
         "on" if settings.fetching_enabled else "off", __version__,
     )
     _warn_about_development_secret(settings)
+    for warning in settings_warnings(settings):
+        logger.warning("%s", warning)
+    if settings["database"]["checkpoints"] == "external":
+        logger.info("checkpoints=external: this process runs no WAL checkpoint; the replicator "
+                    "(Litestream) must, or the -wal file grows without bound")
 
 
 def _warn_about_development_secret(settings: Settings) -> None:
@@ -2702,33 +3099,53 @@ def gather_status(settings: Settings) -> dict:
             by_type.setdefault(event_type, {})[status] = count
         oldest = conn.execute("SELECT MIN(received_at) FROM events WHERE status = 'pending'").fetchone()[0]
         last = conn.execute("SELECT MAX(received_at) FROM events").fetchone()[0]
-        api_state = json.loads(get_meta(conn, "api_state") or "null")
+        view = json.loads(get_meta(conn, DAEMON_VIEW_KEY) or "null")
         last_fetch = get_meta(conn, "last_fetch_ok_at")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read {path}: {exc}") from None
     finally:
         conn.close()
+    running, pid = InstanceLock.holder(path)
     return {
         "database": path,
+        "daemon": {"running": running, "pid": pid},
         "events": {status: by_status.get(status, 0) for status in ("pending", "done", "ignored", "dead")},
         "by_type": by_type,
         "oldest_pending_age_seconds": round(time.time() - parse_utc_iso(oldest), 1) if oldest else None,
         "last_received_at": last,
         "dead": by_status.get("dead", 0),
         "last_fetch_ok_at": last_fetch,
-        "fetching": "on" if settings.fetching_enabled else "off (set [noyo_api] client_id and client_secret)",
-        "api": api_state,
+        "fetching": _fetching_text(view),
+        "api": view,
     }
+
+
+def _fetching_text(view: dict | None) -> str:
+    """Whether the daemon fetches, as it recorded it (not this shell's config:
+    the daemon may see credentials this shell does not)."""
+    if not isinstance(view, dict):
+        return "unknown (no serve has recorded its state in this database yet)"
+    fetching = view.get("fetching", view.get("state") != "fetching_off")
+    return "on" if fetching else "off (set [noyo_api] client_id and client_secret for serve)"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print counts, ages and the API state; --json for scripts."""
-    status = gather_status(load_settings(_config_path(args)))
+    status = gather_status(settings_for(args))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
     events = status["events"]
     print(f"database:        {status['database']}")
+    daemon = status["daemon"]
+    if daemon["running"]:
+        print("daemon:          running" + (f" (pid {daemon['pid']})" if daemon["pid"] else ""))
+    elif daemon["running"] is None:
+        print("daemon:          unknown (this user may not read the lock file; try as root or the service user)")
+    else:
+        recorded = (status["api"] or {}).get("recorded_at")
+        print("daemon:          not running (no serve holds the database's lock)"
+              + (f"; fetching and noyo api below are as it recorded them at {recorded}" if recorded else ""))
     print("events:          " + "  ".join(f"{k}={v}" for k, v in events.items()))
     age = status["oldest_pending_age_seconds"]
     print(f"oldest pending:  {'-' if age is None else format_duration(round(age)) + ' ago'}")
@@ -2756,7 +3173,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         where, params = "type = ? AND status != 'pending'", [args.type]
     else:
         where, params = f"event_id IN ({', '.join('?' * len(args.event_ids))}) AND status != 'pending'", args.event_ids
-    conn = connect(path, settings["database"]["synchronous"], settings["database"]["busy_timeout"])
+    conn = connect(path, settings["database"]["synchronous"], settings["database"]["busy_timeout"],
+                   checkpoints=settings["database"]["checkpoints"])
     try:
         conn.execute("BEGIN IMMEDIATE")
         count = conn.execute(
@@ -2772,7 +3190,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def _open_store(settings: Settings) -> Store:
-    store = Store(existing_database(settings), settings["database"]["synchronous"], settings["database"]["busy_timeout"])
+    db = settings["database"]
+    store = Store(existing_database(settings), db["synchronous"], db["busy_timeout"], db["checkpoints"])
     store.open()
     return store
 
@@ -2824,6 +3243,28 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Put a backup in place of the database while `serve` is stopped."""
+    settings = settings_for(args)
+    path = settings["database"]["path"]
+    version, events = check_backup(args.source)
+    lock = InstanceLock(path)
+    lock.acquire(busy_message=(
+        f"noyo-listener is serving {os.path.abspath(path)} (lock {lock.path} is held); stop it first "
+        "(sudo systemctl stop noyo-listener), then run restore again; nothing was changed"))
+    try:
+        restore_database(args.source, path)
+    finally:
+        lock.release()
+    info = os.stat(path)
+    migration = (f"; serve migrates it from schema version {version} to {SCHEMA_VERSION} at start"
+                 if version < SCHEMA_VERSION else "")
+    print(f"restored {args.source} to {path}: {events} events, integrity ok, mode {info.st_mode & 0o777:04o}, "
+          f"owner {info.st_uid}:{info.st_gid} like its directory{migration}. "
+          "Start serve again (sudo systemctl start noyo-listener).")
+    return 0
+
+
 def build_test_event(event_type: str, data_id: str | None) -> bytes:
     """A body shaped like Noyo's (``test.hello_world`` carries a message, not an id)."""
     if event_type == "test.hello_world" and data_id is None:
@@ -2851,7 +3292,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     """Sign and POST an event exactly as Noyo does; print the answer."""
     secret = args.secret
     if secret is None:
-        secrets = load_settings(_config_path(args))["webhook"]["secrets"]
+        secrets = settings_for(args)["webhook"]["secrets"]
         name, secret = secrets[0]
         print(f"signing with secret {name!r} from the config", file=sys.stderr)
     body = build_test_event(args.type, args.data_id)
@@ -2885,9 +3326,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"noyo-listener {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    commands.add_parser("serve", help="run the HTTP server and the worker").set_defaults(func=cmd_serve)
+    # ``needs``: what a command needs beyond a valid ini (see NEEDS_*). Leave it
+    # out for a command that only reads or maintains the database.
+    commands.add_parser("serve", help="run the HTTP server and the worker"
+                        ).set_defaults(func=cmd_serve, needs=SERVE_NEEDS)
     commands.add_parser("check-config", help="validate the ini and print the effective settings"
-                        ).set_defaults(func=cmd_check_config)
+                        ).set_defaults(func=cmd_check_config, needs=SERVE_NEEDS)
 
     status = commands.add_parser("status", help="counts, ages, dead letters and API state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -2900,7 +3344,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--data-id", help="data.id of the event (default: a new uuid; none for test.hello_world)")
     send.add_argument("--form", choices=(FORM_TIMESTAMP_BODY, FORM_BODY), default=FORM_TIMESTAMP_BODY,
                       help="what to sign (default: timestamp.body)")
-    send.set_defaults(func=cmd_send_test)
+    send.set_defaults(func=cmd_send_test, needs=(NEEDS_WEBHOOK_SECRETS,))
 
     prune_cmd = commands.add_parser("prune", help="forget old done/ignored events now (serve does it daily)")
     prune_cmd.add_argument("--dead", action="store_true", help="also dead events older than dedupe_days")
@@ -2909,6 +3353,10 @@ def build_parser() -> argparse.ArgumentParser:
     backup = commands.add_parser("backup", help="consistent copy of the database, safe while serving")
     backup.add_argument("dest", metavar="DEST", help="new file to write (never overwritten)")
     backup.set_defaults(func=cmd_backup)
+
+    restore = commands.add_parser("restore", help="put a backup in place of the database while serve is stopped")
+    restore.add_argument("source", metavar="SRC", help="a backup written by `backup` (checked before anything changes)")
+    restore.set_defaults(func=cmd_restore)
 
     requeue = commands.add_parser("requeue", help="put events back to pending")
     which = requeue.add_mutually_exclusive_group(required=True)
