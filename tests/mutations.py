@@ -145,6 +145,9 @@ def run_tests(repo: Path, tests: list[str], timeout: float) -> tuple[int, list[s
     except subprocess.TimeoutExpired:
         return -1, ["(timed out)"], time.monotonic() - started
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.M)
+    why = re.search(r"^E +(.{1,90})", result.stdout, re.M)  # the first assertion line: caught for the right reason?
+    if failed and why:
+        failed[0] += f" ({why.group(1).strip()})"
     return result.returncode, failed, time.monotonic() - started
 
 
