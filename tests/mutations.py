@@ -112,7 +112,7 @@ BREAKAGES = [
         [("        window = check_timestamp(timestamp, time.time(), policy.max_age, policy.max_skew)\n",
           "        window = None\n")],
         ["tests/test_hostile.py"],
-        runs=1, section="http app"),
+        section="http app"),
 ]
 
 
