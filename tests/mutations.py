@@ -73,14 +73,14 @@ BREAKAGES = [
         section="signature"),
     Breakage(
         "resource_newer_wins", "newer-object-wins guard removed for resources",
-        [("    if row is not None and newness(obj) < newness(json.loads(row[0])):\n        return\n",
-          "    if False:\n        return\n")],
+        [("    stored = json.loads(row[0]) if row else None\n    if stored is not None and newness(obj) < newness(stored):\n"
+          "        return \"unchanged\"\n",
+          "    stored = json.loads(row[0]) if row else None\n    if False:\n        return \"unchanged\"\n")],
         ["tests/test_worker_observed.py::test_an_older_fetch_never_overwrites_a_newer_resource_row"],
         section="worker"),
     Breakage(
         "retry_delay_zero", "retry_delay returns 0 (every retry immediate)",
-        [("        return max(retry_after or 0.0, random.uniform(ceiling / 2, ceiling))\n",
-          "        return 0.0\n")],
+        [("        delay = random.uniform(ceiling / 2, ceiling)\n", "        delay = 0.0\n")],
         ["tests/test_worker_observed.py::test_retries_are_spaced_by_the_backoff_not_immediate"],
         section="worker"),
     Breakage(
@@ -92,7 +92,7 @@ BREAKAGES = [
         "healthz_ignores_worker", "/healthz ignores a stalled worker",
         [("            stalled = self.worker.stalled()\n", "            stalled = None\n")],
         ["tests/test_shutdown_and_health.py::test_healthz_is_503_when_the_worker_has_stopped"],
-        section="http app (worker engineer rewrites healthz)"),
+        section="http app (healthz)"),
     Breakage(
         "watchdog_skips_http", "the watchdog self-check calls the health function directly",
         [("        host, port = self.self_address\n        conn = http.client.HTTPConnection(host, port, timeout=timeout)\n",
