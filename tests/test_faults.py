@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -84,7 +85,13 @@ def test_sigkill_under_load_loses_no_acknowledged_event(start_listener, fake_noy
     bodies = [[event_body(rng.choice(types), data_id=rng.choice(differences)["id"], event_id=str(uuid.uuid4()))
                for _ in range(per_sender)] for _ in range(senders_count)]
 
-    listener = start_listener(server={"threads": 8}, **api_sections(fake_noyo))
+    # One fixed port across the restarts: with port 0 the senders' retries in
+    # the gap would go to the old port, which another listener on this shared
+    # machine (same test secret) may have taken, and its 200s would count here.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listener = start_listener(server={"threads": 8, "port": port}, **api_sections(fake_noyo))
     stop = threading.Event()
     senders = [KeepAliveSender(listener, b, stop) for b in bodies]
     for sender in senders:
