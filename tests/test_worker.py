@@ -313,7 +313,7 @@ def test_a_failing_api_sees_probes_not_a_flood_and_recovery_is_immediate(fetchin
         assert conn.execute("SELECT COUNT(*) FROM differences").fetchone()[0] == events
 
 
-def test_a_claim_queued_when_fetching_pauses_is_given_back_unfetched(fetching, fake_noyo):
+def test_a_claim_queued_when_fetching_pauses_is_given_back_unfetched(start_listener, fake_noyo):
     # One fetch thread, so a second claim waits in its queue while the first
     # GET is held. Meanwhile the credentials stop working: that GET gets a
     # 401, the token endpoint refuses (fetching pauses); the queued claim
@@ -321,7 +321,11 @@ def test_a_claim_queued_when_fetching_pauses_is_given_back_unfetched(fetching, f
     for n in range(2):
         fake_noyo.put("difference", difference(f"d-{n}"))
     fake_noyo.hold()
-    listener = fetching(concurrency=1)
+    sections = api_sections(fake_noyo, concurrency=1)
+    # The held GET must outlast the wait below on a busy machine: a 2 s
+    # timeout could expire first and turn the 401 this test needs into a timeout.
+    sections["noyo_api"]["timeout"] = "60s"
+    listener = start_listener(**sections)
     for n in range(2):
         listener.send(event_body("difference.created", data_id=f"d-{n}", event_id=f"e-{n}"))
     wait_until(lambda: all(event_row(listener, f"e-{n}")["lease_until"] for n in range(2)),
