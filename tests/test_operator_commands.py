@@ -278,4 +278,4 @@ def test_restore_onto_a_fresh_install_creates_the_database(make_ini, start_liste
     assert event_ids(fresh / "db.sqlite3") == {"moved"}
     # Every file restore created there belongs to that user: serve can open them.
     assert {(p.name, p.stat().st_uid, p.stat().st_gid) for p in fresh.iterdir()} == {
-        ("db.sqlite3", 65534, 65534), ("db.sqlite3.lock", 65534, 65534)}
+        ("db.sqlite3", 65534, 65534), ("db.sqlite3.lock", 65534, 65534), ("db.sqlite3.sync.lock", 65534, 65534)}
