@@ -3700,11 +3700,12 @@ class SyncPass:
     def run(self) -> dict[str, int]:
         """Run the pass to the end; its counts. Raises SyncError when it cannot complete."""
         started = time.monotonic()
-        self.sync_id = self.store.write(lambda conn: conn.execute(
+        inserted = self.store.submit(lambda conn: conn.execute(
             "INSERT INTO syncs (kind, started_at, status) VALUES (?, ?, 'running')", (self.kind, utc_iso())).lastrowid)
-        logger.info("sync pass started kind=%s id=%d page_size=%d", self.kind, self.sync_id, self.page_size)
         committing: _WriteJob | None = None
         try:
+            self.sync_id = self.store.result_of(inserted)
+            logger.info("sync pass started kind=%s id=%d page_size=%d", self.kind, self.sync_id, self.page_size)
             offset, previous = 0, None
             while True:
                 items, total = self._get_page(offset)
@@ -3725,6 +3726,11 @@ class SyncPass:
             self._count(committing)
         except BaseException as exc:
             self.seconds = time.monotonic() - started
+            if self.sync_id is None:
+                # A signal while the pass's row was being written: end that row too.
+                if not (inserted.wait(30) and inserted.error is None):
+                    raise
+                self.sync_id = inserted.result
             if committing is not None and not isinstance(exc, StoreError):
                 try:
                     self._count(committing)  # what was applied stays applied, and counted
