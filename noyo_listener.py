@@ -324,6 +324,13 @@ def _read_secret_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str]
     found: dict[str, tuple[str, str]] = {}
     for name in _SECRET_SOURCES:
         if environ.get(name):
+            # Python hands undecodable bytes of the environment over as lone
+            # surrogates; they would fail later, when the secret is used.
+            try:
+                environ[name].encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"environment variable {name} is not valid UTF-8 text; "
+                                  "set it again as UTF-8") from None
             found[name] = (environ[name], "environment")
     cred_dir = environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
@@ -336,6 +343,9 @@ def _read_secret_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str]
                 continue
             except OSError as exc:
                 raise ConfigError(f"cannot read credential {path}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"credential {path} is not valid UTF-8 text; write it again as UTF-8 "
+                                  "(systemd-creds encrypt takes the plain text)") from None
             if value:  # an empty file means "not set", like an empty variable
                 found[name] = (value, "credential")
     return found
