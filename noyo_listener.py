@@ -14,6 +14,16 @@ configuration -> storage -> signature -> HTTP app -> Noyo client -> worker
 
 from __future__ import annotations
 
+import sys
+
+# Checked before anything that needs 3.9 runs, so an older interpreter (that
+# can still parse this file: 3.7 and 3.8) gets one line instead of a traceback.
+# Older ones cannot parse ``from __future__ import annotations``; the bundle's
+# __main__.py checks before importing this module, for every Python.
+if sys.version_info < (3, 9):
+    raise SystemExit("noyo-listener: error: needs Python 3.9 or newer, this is %s (%s); "
+                     "run it with python3.9 or later" % (sys.version.split()[0], sys.executable))
+
 import _thread
 import argparse
 import base64
@@ -40,7 +50,6 @@ import signal
 import socket
 import sqlite3
 import ssl
-import sys
 import tempfile
 import threading
 import time
@@ -59,6 +68,10 @@ USER_AGENT = f"noyo-listener/{__version__}"
 # The example ini ships this secret so the listener runs as is on a laptop.
 # `serve` warns loudly while it is configured: anyone can read it here.
 DEVELOPMENT_SECRET = "noyo-listener-development-secret-change-me"
+
+# dataclass(slots=True) arrived in Python 3.10. On 3.9 these small records are
+# plain dataclasses: the same fields and behaviour, a little more memory each.
+_SLOTS: dict[str, bool] = {"slots": True} if sys.version_info >= (3, 10) else {}
 
 
 # --- Configuration ---------------------------------------------------------
@@ -624,11 +637,17 @@ def utc_iso(timestamp: float | None = None) -> str:
     return f"{_UTC_SECONDS.text(whole)}.{int((timestamp - whole) * 1000):03d}Z"
 
 
+_FRACTION_RE = re.compile(r"(?<=:\d\d)\.(\d+)")
+
+
 def parse_utc_iso(text: str) -> float:
     """Seconds since the epoch of an ISO 8601 timestamp (naive means UTC)."""
     text = text.strip()
     if text[-1:] in ("Z", "z"):  # fromisoformat reads "Z" only from Python 3.11 on
         text = text[:-1] + "+00:00"
+    # Before 3.11, fromisoformat reads only 3 or 6 fraction digits; give it 6 so
+    # "...:45.1Z" or "...:45.0395871+00:00" mean the same on every Python.
+    text = _FRACTION_RE.sub(lambda m: "." + (m.group(1) + "00000")[:6], text, count=1)
     parsed = dt.datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.timezone.utc)
@@ -1206,7 +1225,7 @@ _INSERT_DELIVERY = """
 """
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(**_SLOTS)
 class Delivery:
     """How one authentic POST arrived (a row of ``deliveries``)."""
 
@@ -1591,7 +1610,7 @@ FORM_BODY = "body"
 MAX_SIGNATURES = 16  # more entries in one header are ignored (bounded work)
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(**_SLOTS)
 class SignatureMatch:
     secret_name: str
     form: str
@@ -1715,7 +1734,7 @@ class BadEvent(ValueError):
     """An authentic body that cannot be an event (answer 400)."""
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(**_SLOTS)
 class ParsedEvent:
     """What the ``events`` row needs from an authentic body."""
 
@@ -2523,11 +2542,13 @@ class _HttpPool:
                 data = response.read()
             except (http.client.HTTPException, OSError) as exc:
                 conn.close()
-                if fired.is_set():
+                # A socket operation that timed out has waited the whole timeout
+                # too. (socket.timeout is TimeoutError only from Python 3.10 on.)
+                if fired.is_set() or isinstance(exc, (TimeoutError, socket.timeout)):
                     raise TimeoutError(f"no complete answer within {self.timeout:g}s") from None
                 # A kept-alive connection the server already closed fails at
                 # once; retry that on a fresh one, but never a timeout.
-                if reused and not isinstance(exc, TimeoutError):
+                if reused:
                     continue
                 raise
             finally:
@@ -4382,6 +4403,163 @@ def _warn_about_development_secret(settings: Settings) -> None:
                 "events. Set [webhook] secrets (or NOYO_WEBHOOK_SECRETS) to your Noyo subscription secret !!!", name)
 
 
+# --- bundle: one file for a VM without pip ---------------------------------
+# Only `bundle` needs zipfile and importlib.metadata; they are imported there
+# so that every other command starts as before.
+
+BUNDLED_DEPENDENCIES = ("bottle", "waitress")
+
+# The bundle's entry point. Kept to syntax that any Python parses (no f-strings),
+# so that an interpreter older than 3.9 says so in one line before it meets the
+# module. Python puts the archive itself first on sys.path (after site and any
+# .pth or sitecustomize has run, with -I and -P too), so the bundled bottle and
+# waitress win over any the VM has installed (a test checks).
+BUNDLE_MAIN = '''\
+# noyo-listener bundle: python3 THIS_FILE [--config PATH] COMMAND
+import sys
+
+if sys.version_info < (3, 9):
+    sys.stderr.write("noyo-listener: error: needs Python 3.9 or newer, this is %s (%s); "
+                     "run the bundle with python3.9 or later\\n" % (sys.version.split()[0], sys.executable))
+    sys.exit(1)
+
+import noyo_listener  # noqa: E402
+
+sys.exit(noyo_listener.main())
+'''
+
+
+class BundleError(Exception):
+    """`bundle` cannot write a correct bundle; the message says why and what to do."""
+
+
+def pinned_requirements(path: str) -> dict[str, str]:
+    """``name==version`` pins of a requirements file, names normalised (PEP 503)."""
+    pins: dict[str, str] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            requirement = line.split("#", 1)[0].split(";", 1)[0].strip()
+            name, sep, version = requirement.partition("==")
+            if sep and name.strip():
+                pins[re.sub(r"[-_.]+", "-", name.strip()).lower()] = version.strip()
+    return pins
+
+
+def _dependency_sources(name: str, pinned: str) -> tuple[str, list[tuple[str, str]]]:
+    """The installed version of one dependency and its source files as (path on disk, name in the bundle).
+
+    Refuses a version other than the pinned one, and a module that is not the
+    one its installed distribution describes (shadowed on ``sys.path``).
+    """
+    import importlib
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version(name)
+        module = importlib.import_module(name)
+    except (importlib.metadata.PackageNotFoundError, ImportError):
+        raise BundleError(f"{name} is not installed in this Python ({sys.executable}); "
+                          f"run bundle with the venv's python after pip install -r requirements.txt") from None
+    if version != pinned:
+        raise BundleError(f"{name} {version} is installed but requirements.txt pins {pinned}; "
+                          f"run pip install -r requirements.txt in this venv, then bundle again")
+    origin = os.path.realpath(module.__file__ or "")
+    distribution = importlib.metadata.distribution(name)
+    recorded = {os.path.realpath(str(distribution.locate_file(f))) for f in (distribution.files or ())}
+    if origin not in recorded:
+        raise BundleError(f"{name} imports from {origin}, which is not the installed {name} {version}; "
+                          f"remove it from the path (PYTHONPATH, current directory) and bundle again")
+    # Their licences ask that the notice travel with every copy.
+    files = [(str(distribution.locate_file(f)), f"licenses/{name}/{f.name}") for f in distribution.files or ()
+             if re.match(r"(LICEN[CS]E|COPYING|NOTICE)", f.name, re.IGNORECASE)]
+    if os.path.basename(origin) != "__init__.py":
+        return version, [(origin, os.path.basename(origin))] + files
+    package_dir = os.path.dirname(origin)
+    base = os.path.dirname(package_dir)
+    for folder, subfolders, names in os.walk(package_dir):
+        subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
+        files.extend((os.path.join(folder, n), os.path.relpath(os.path.join(folder, n), base))
+                     for n in sorted(names) if n.endswith(".py"))
+    return version, files
+
+
+def write_bundle(out: str, members: list[tuple[str, bytes]]) -> int:
+    """Write an executable zipapp to ``out`` atomically; never replaces an existing file.
+
+    The archive is built in a temporary file beside ``out`` and hard-linked to
+    its name: the link fails if ``out`` exists, so a file that appeared since
+    the check is not overwritten either, and no half-written bundle is ever
+    seen under the real name. Returns the size in bytes.
+    """
+    import zipfile
+
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+    except OSError as exc:
+        raise BundleError(f"cannot create {out}: {exc.strerror}") from None
+    try:
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"#!/usr/bin/env python3\n")
+                with zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for arcname, data in members:
+                        info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))  # same input, same bytes
+                        info.compress_type = zipfile.ZIP_DEFLATED
+                        info.external_attr = 0o644 << 16
+                        archive.writestr(info, data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temp, 0o755)
+        except OSError as exc:
+            raise BundleError(f"cannot write {temp}: {exc.strerror}") from None
+        try:
+            os.link(temp, out)
+        except FileExistsError:
+            raise BundleError(f"{out} already exists; choose a new name (bundle never overwrites)") from None
+        except OSError as exc:
+            raise BundleError(f"cannot create {out}: {exc.strerror}") from None
+        return os.path.getsize(out)
+    finally:
+        os.unlink(temp)
+
+
+def build_bundle(out: str) -> str:
+    """Bundle this module with the installed, pinned bottle and waitress into ``out``; return a summary."""
+    module_path = os.path.realpath(__file__)
+    if os.path.lexists(out):
+        raise BundleError(f"{out} already exists; choose a new name (bundle never overwrites)")
+    requirements = os.path.join(os.path.dirname(module_path), "requirements.txt")
+    if not os.path.isfile(requirements):
+        raise BundleError(f"bundle needs requirements.txt beside noyo_listener.py (not found at {requirements}); "
+                          f"run it from a checkout with its venv: .venv/bin/python noyo_listener.py bundle OUT")
+    pins = pinned_requirements(requirements)
+    with open(module_path, "rb") as handle:
+        members = [("__main__.py", BUNDLE_MAIN.encode()), ("noyo_listener.py", handle.read())]
+    versions = []
+    for name in BUNDLED_DEPENDENCIES:
+        if name not in pins:
+            raise BundleError(f"{requirements} pins no version of {name} (expected a line {name}==VERSION)")
+        version, files = _dependency_sources(name, pins[name])
+        versions.append(f"{name} {version}")
+        for path, arcname in files:
+            with open(path, "rb") as handle:
+                members.append((arcname.replace(os.sep, "/"), handle.read()))
+    size = write_bundle(out, members)
+    return (f"wrote {out}: noyo-listener {__version__}, {', '.join(versions)}, {size} bytes; "
+            f"run it with: python3 {out} serve")
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Write a one-file zipapp of the program and its pinned dependencies (needs no config)."""
+    try:
+        print(build_bundle(args.out))
+    except BundleError as exc:
+        print(f"noyo-listener: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def existing_database(settings: Settings) -> str:
     """The database path, which must exist already (only `serve` creates it)."""
     path = settings["database"]["path"]
@@ -4872,6 +5050,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ).set_defaults(func=cmd_serve, needs=SERVE_NEEDS)
     commands.add_parser("check-config", help="validate the ini and print the effective settings"
                         ).set_defaults(func=cmd_check_config, needs=SERVE_NEEDS)
+    bundle = commands.add_parser("bundle", help="write one executable file with this program, bottle and waitress")
+    bundle.add_argument("out", metavar="OUT", help="new file to write, e.g. noyo-listener.pyz (never overwritten)")
+    bundle.set_defaults(func=cmd_bundle)  # reads no ini: needs no config and no secrets
 
     status = commands.add_parser("status", help="counts, ages, dead letters and API state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
