@@ -1460,7 +1460,11 @@ def open_backup(source: str) -> sqlite3.Connection:
     if os.path.exists(wal) and os.path.getsize(wal) > 0:
         raise StoreError(f"{source} has a write-ahead log beside it ({wal}): it is a live database, not a "
                          "backup; copy it with `noyo_listener.py backup` first; nothing was changed")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(source)) + "?immutable=1"
+    return _open_immutable(source)
+
+
+def _open_immutable(path: str) -> sqlite3.Connection:
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?immutable=1"
     return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
 
 
@@ -1515,8 +1519,14 @@ def change_feed_high_water(path: str) -> int | None:
     nothing readable."""
     if not os.path.isfile(path):
         return None
+    wal = path + "-wal"
     try:
-        conn = connect(path, mode="readonly")
+        if os.path.exists(wal) and os.path.getsize(wal) > 0:
+            # A crash left rows in its WAL, which immutable=1 would ignore. The
+            # -shm this may create goes with the old WAL before the rename.
+            conn = connect(path, mode="readonly")
+        else:
+            conn = _open_immutable(path)  # creates no root-owned -shm beside the service's database
         try:
             row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         finally:
@@ -1532,19 +1542,26 @@ def _carry_change_feed_forward(copy: sqlite3.Connection, high_water: int | None)
 
     An older backup has handed out fewer seqs than the database it replaces;
     without this, new rows would get seqs a consumer already saved as its
-    bookmark, and `changes --since` would skip them."""
-    if copy.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'").fetchone() is None:
-        return None
-    row = copy.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+    bookmark, and `changes --since` would skip them. A backup whose schema
+    predates the feed gets the counter too: the migration that creates the
+    table later leaves an existing sqlite_sequence row alone."""
+    has_feed = copy.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'").fetchone() is not None
+    has_counter = copy.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone() is not None
+    row = copy.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone() if has_counter else None
     own = row[0] if row else 0
     if high_water is not None and high_water > own:
         copy.execute("BEGIN IMMEDIATE")
+        if not has_counter:
+            # SQLite creates its counter table with the first AUTOINCREMENT table; it then stays.
+            copy.execute("CREATE TABLE restore_creates_sqlite_sequence (n INTEGER PRIMARY KEY AUTOINCREMENT)")
+            copy.execute("DROP TABLE restore_creates_sqlite_sequence")
         if row is None:
             copy.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('changes', ?)", (high_water,))
         else:
             copy.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'changes'", (high_water,))
         copy.execute("COMMIT")
-    return own
+    return own if has_feed else None
 
 
 def restore_database(source: str, target: str) -> tuple[int | None, int | None]:
@@ -4803,15 +4820,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def _change_feed_text(replaced: int | None, backup: int | None) -> str:
     """What restore did to the change feed's seqs, for consumers' saved bookmarks."""
-    if not replaced:
+    if not replaced or (backup is not None and backup >= replaced):
         return ""
-    if backup is None:
-        return (f"The backup predates the change feed: its seqs start again at 1 (the replaced database "
-                f"reached {replaced}); set consumers' saved seq to 0. ")
-    if replaced > backup:
-        return (f"The change feed continues after seq {replaced}, the replaced database's last (the backup's "
-                f"is {backup}): consumers' saved seqs stay valid. ")
-    return ""
+    backups = "the backup predates the feed" if backup is None else f"the backup's is {backup}"
+    return (f"The change feed continues after seq {replaced}, the replaced database's last ({backups}): "
+            "consumers' saved seqs stay valid. ")
 
 
 # The change feed, read-only: `history` for people, `changes` for scripts.

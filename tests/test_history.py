@@ -441,6 +441,37 @@ def test_restoring_an_older_backup_never_hands_out_a_seq_again(restorable):
     assert [(r["seq"], r["id"]) for r in changes_out(ini, "--since", "4")] == [(5, "d-5")]
 
 
+def test_restore_counts_the_seqs_a_crash_left_in_the_replaced_databases_wal(restorable):
+    path, ini, backup = restorable
+    conn = noyo_listener.connect(str(path))
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("BEGIN IMMEDIATE")
+    obj = difference("d-5", 1)
+    noyo_listener.apply_difference(conn, obj, json.dumps(obj), [], "2026-01-02T00:00:00.000Z")
+    conn.execute("COMMIT")
+    main, wal = path.read_bytes(), Path(f"{path}-wal").read_bytes()  # seq 5 is only in the WAL
+    conn.close()  # checkpoints and removes the WAL; put both back as a crash leaves them
+    path.write_bytes(main)
+    Path(f"{path}-wal").write_bytes(wal)
+    result = run_cli("--config", str(ini), "restore", str(backup))
+    assert result.returncode == 0, result.stderr
+    assert "change feed continues after seq 5" in result.stdout
+
+
+def test_restoring_a_backup_older_than_the_change_feed_never_hands_out_a_seq_again(restorable, tmp_path):
+    path, ini, _backup = restorable
+    old_backup = tmp_path / "v3.sqlite3"
+    build_v3(old_backup)
+    result = run_cli("--config", str(ini), "restore", str(old_backup))
+    assert result.returncode == 0, result.stderr
+    assert "change feed continues after seq 4" in result.stdout and "the backup predates the feed" in result.stdout
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    noyo_listener.migrate(conn, str(path))  # as serve does at start
+    conn.close()
+    add_rows(path, [("difference", difference("d-5", 1), "2026-01-02T00:00:00.000Z")])
+    assert [(r["seq"], r["id"]) for r in changes_out(ini, "--since", "4")] == [(5, "d-5")]
+
+
 def test_a_follower_reads_on_in_the_restored_file_from_its_last_seq(restorable):
     path, ini, backup = restorable
     follower = Follower(ini)
