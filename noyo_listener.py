@@ -1702,11 +1702,30 @@ def check_timestamp(header: str | None, now: float, max_age: float, max_skew: fl
         sent = parse_utc_iso(header)
     except ValueError:
         return "bad_timestamp"
-    age = now - sent
+    return _age_reason("timestamp", now - sent, max_age, max_skew)
+
+
+def check_signed_created(created: int | float | None, now: float, max_age: float, max_skew: float) -> str | None:
+    """Return why ``event.created`` is outside the window, or None if it is fine.
+
+    A body-form signature leaves ``x-noyo-timestamp`` unsigned, so a captured
+    body could be replayed with a fresh header; ``event.created`` is inside
+    the signed body, so the window is applied to it as well. An event without
+    a usable ``created`` cannot be dated, so in that form it is refused.
+    ``max_age`` of 0 turns the check off, as for the header.
+    """
+    if max_age <= 0:
+        return None
+    if created is None:
+        return "no_event_created"
+    return _age_reason("event_created", now - created, max_age, max_skew)
+
+
+def _age_reason(what: str, age: float, max_age: float, max_skew: float) -> str | None:
     if age > max_age:
-        return "timestamp_too_old"
+        return f"{what}_too_old"
     if -age > max_skew:
-        return "timestamp_in_future"
+        return f"{what}_in_future"
     return None
 
 
@@ -1863,6 +1882,9 @@ REJECT_REASONS = (
     "bad_timestamp",              # 401
     "timestamp_too_old",          # 401
     "timestamp_in_future",        # 401
+    "no_event_created",           # 401: body-form signature without a usable event.created (replay protection)
+    "event_created_too_old",      # 401: body-form signature, check_signed_created
+    "event_created_in_future",    # 401
     "body_is_not_UTF-8_JSON",     # 400: BadEvent, spaces made underscores
     "body_is_not_a_JSON_object",  # 400
     "bad_request",                # 400 from waitress (broken framing), before the app sees the request
@@ -2284,6 +2306,10 @@ class Receiver:
             parsed = parse_event(body, policy.fetch_kinds)
         except BadEvent as exc:
             return self._reject(400, str(exc).replace(" ", "_"), environ, started, str(exc))
+        if match.form == FORM_BODY:
+            replay = check_signed_created(parsed.created, time.time(), policy.max_age, policy.max_skew)
+            if replay is not None:
+                return self._reject(401, replay, environ, started, "unauthorized")
 
         delivery = Delivery(
             received_at=utc_iso(), noyo_timestamp=timestamp,
