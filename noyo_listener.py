@@ -661,14 +661,16 @@ def require_directory_of(path: str) -> None:
 
 
 class _WriteJob:
-    """One unit of work for the writer thread; the submitter waits on it.
+    """One unit of work for the committer; its submitter may wait on it.
 
-    Completion is a bare lock, held from creation and released by the writer:
-    threading.Event is Python code over a Condition, and its wait/set pair
-    cost more CPU per request than the INSERTs themselves (bench/run.py).
+    Completion is a bare lock, held from creation and released once the job
+    is committed or has failed: threading.Event is Python code over a
+    Condition, and its wait/set pair cost more CPU per request than the
+    INSERTs themselves (bench/run.py). The same release wakes a waiting
+    submitter that is handed the committer's role (``promoted``).
     """
 
-    __slots__ = ("fn", "batch_fn", "item", "_done", "result", "error")
+    __slots__ = ("fn", "batch_fn", "item", "_done", "result", "error", "finished", "waiting", "promoted")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any] | None,
                  batch_fn: Callable[[sqlite3.Connection, list], list] | None = None, item: Any = None) -> None:
@@ -679,6 +681,9 @@ class _WriteJob:
         self._done.acquire()
         self.result: Any = None
         self.error: BaseException | None = None
+        self.finished = False
+        self.waiting = False  # its submitter waits in Store.result_of and may take the role (Store._lock)
+        self.promoted = False  # ...and now holds it (Store._lock)
 
     def wait(self, timeout: float) -> bool:
         """True once the job was committed or failed, False after ``timeout`` seconds."""
@@ -689,6 +694,7 @@ class _WriteJob:
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
+        self.finished = True
         self._done.release()
 
 
@@ -696,14 +702,24 @@ _STOP = object()
 
 
 class Store:
-    """The SQLite database: one writer thread, group commit, short reads.
+    """The SQLite database: one write connection, group commit, short reads.
 
-    Every write goes through one thread that owns the write connection.
-    Jobs that arrive while a transaction is being committed are committed
-    together in the next one, so many acknowledgements share one fsync while
-    each still waits for its own row to be on disk. Several connections
-    writing at once would instead make SQLite's busy handler sleep for
-    milliseconds (see PERF-NOTES).
+    Every write goes through one connection, used by one thread at a time:
+    whoever holds the committer's role. Jobs queued while a transaction is
+    being committed are committed together in the next one, so many
+    acknowledgements share one fsync while each still waits for its own row
+    to be on disk. Several connections writing at once would instead make
+    SQLite's busy handler sleep for milliseconds (see PERF-NOTES).
+
+    Leader/follower: a thread that waits for its job and finds nobody
+    committing commits at once; after each commit the role passes to one of
+    the threads still waiting, which commits everything queued, its own job
+    included. A waiting request thread is woken once, either with its answer
+    or to commit, and no writer thread stands between the two. A leader
+    commits only until its own job is committed, then passes the role on, so
+    its own answer is not held up under sustained load. The writer thread
+    takes the role when nobody waits for the queued jobs (``submit``: the
+    worker's outcomes), for the WAL catch-up, and to drain the queue at close.
     """
 
     MAX_BATCH = 256
@@ -712,12 +728,20 @@ class Store:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._stopped = threading.Event()
         self._checkpointer: threading.Thread | None = None
+        # The committer's role and the queue. _lock guards _pending, _committing
+        # (someone holds the role), _closed and each queued job's waiting/promoted.
+        self._lock = _thread.allocate_lock()
+        self._pending: list[_WriteJob] = []
+        self._committing = False
+        self._writer_turn = _thread.allocate_lock()  # released to hand the role to the writer thread
+        self._writer_turn.acquire()
+        self._catch_up_since: int | None = None  # set by the checkpointer: see _backfill
+        self._last_batch = 0
         self.last_commit_error: str | None = None
         self.commits = 0  # transactions committed, and the jobs they carried
         self.jobs_committed = 0
@@ -735,8 +759,11 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot open database {self.path}: {exc.strerror}") from None
         # Checkpoints run on their own thread (PASSIVE: they never block the
-        # writer) instead of inside whichever commit crosses the WAL threshold.
+        # committer) instead of inside whichever commit crosses the WAL threshold.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
+        # A WAL that grew while it could not start over (a long reader) is cut
+        # back to this size when it next does.
+        conn.execute(f"PRAGMA journal_size_limit = {self.WAL_SIZE_LIMIT}")
         self._conn = conn
         self._writer = threading.Thread(target=self._run_writer, name="noyo-writer", daemon=True)
         self._writer.start()
@@ -744,38 +771,78 @@ class Store:
         self._checkpointer.start()
 
     CHECKPOINT_EVERY = 1.0  # seconds
+    CATCH_UP_JOBS = 256  # at most about this many jobs' frames are copied by the committer itself
+    WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
     @staticmethod
-    def _checkpoint(conn: sqlite3.Connection, mode: str) -> None:
-        """PASSIVE copies what it can without waiting; TRUNCATE also empties the WAL file."""
+    def _checkpoint(conn: sqlite3.Connection, mode: str) -> tuple[int, int, int] | None:
+        """PASSIVE copies what it can without waiting; TRUNCATE also empties the WAL file.
+        Returns SQLite's (busy, frames in the WAL, frames copied), or None if it failed."""
         try:
-            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            return tuple(conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
         except sqlite3.Error as exc:
             logger.warning("WAL checkpoint failed mode=%s error=%s", mode, exc)
+            return None
 
     def _run_checkpointer(self) -> None:
         conn = self.read()
         try:
             while not self._stopped.wait(self.CHECKPOINT_EVERY):
-                self._checkpoint(conn, "PASSIVE")
+                self._backfill(conn)
         finally:
             conn.close()
+
+    def _backfill(self, conn: sqlite3.Connection) -> None:
+        """Copy the WAL into the database, then have the committer copy the last frames.
+
+        SQLite starts the WAL over from its first frame only when a write
+        transaction begins with every frame copied. Under sustained load new
+        frames arrive while any other connection checkpoints, so the WAL
+        never started over: it grew by ~8 KB per event (250 MB after 30,000),
+        and each commit appended to new file blocks, which the file system
+        allocates and zeroes. Passes here copy the bulk (each pass copies what
+        was committed during the one before); once a pass was short, the
+        committer copies the few frames committed during it from its own
+        connection between two commits, and the next commit writes at the
+        start of the WAL again (bench/README.md).
+        """
+        for _ in range(4):
+            jobs = self.jobs_committed
+            counts = self._checkpoint(conn, "PASSIVE")
+            if counts is None or counts[1] <= 0:  # failed, busy, not WAL, or nothing written
+                return
+            if self.jobs_committed - jobs <= self.CATCH_UP_JOBS:
+                self._catch_up_since = jobs
+                return
+
+    def _catch_up(self) -> None:
+        """Holding the role: copy the frames committed since the checkpointer's
+        last pass, if few (else its next pass will)."""
+        since, self._catch_up_since = self._catch_up_since, None
+        if since is not None and self.jobs_committed - since <= 2 * self.CATCH_UP_JOBS:
+            self._checkpoint(self._conn, "PASSIVE")
 
     def writer_alive(self) -> bool:
         return self._writer is not None and self._writer.is_alive()
 
     def submit(self, fn: Callable[[sqlite3.Connection], Any] | None,
                batch_fn: Callable[[sqlite3.Connection, list], list] | None = None, item: Any = None) -> _WriteJob:
-        """Queue ``fn(conn)`` to run inside the next write transaction.
+        """Queue ``fn(conn)`` to run inside a write transaction; it is committed
+        whether or not anyone waits for it (``result_of``).
 
         With ``batch_fn``, the job is ``item``: queued jobs with the same
         ``batch_fn`` are handed over together as ``batch_fn(conn, items)``,
         which returns one result per item (fewer SQLite calls per commit).
         """
-        if self._closed:
-            raise StoreError("the store is closed")
         job = _WriteJob(fn, batch_fn, item)
-        self._queue.put(job)
+        with self._lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            self._pending.append(job)
+            if self._committing:
+                return job  # whoever commits now hands the role on while jobs are queued
+            self._committing = True
+        self._writer_turn.release()
         return job
 
     def write(self, fn: Callable[[sqlite3.Connection], Any] | None, timeout: float | None = None,
@@ -787,17 +854,97 @@ class Store:
         seconds; then nothing may be acknowledged (the job may still commit
         later, which is safe: events are deduplicated by id).
         """
-        return self.result_of(self.submit(fn, batch_fn, item), timeout)
+        job = _WriteJob(fn, batch_fn, item)
+        with self._lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            self._pending.append(job)
+            if self._committing:
+                job.waiting = True
+            else:  # nobody commits: this thread does, at once
+                self._committing = job.promoted = True
+        return self._await(job, timeout)
 
     def result_of(self, job: _WriteJob, timeout: float | None = None) -> Any:
-        """Wait for a submitted job's commit; its result, or StoreError as in ``write``."""
+        """Wait for a submitted job's commit; its result, or StoreError as in ``write``.
+
+        While it waits, this thread may be handed the committer's role: then
+        it commits the queue, its own job included."""
+        with self._lock:
+            if not (job.finished or job.promoted) and job in self._pending:
+                job.waiting = True
+        return self._await(job, timeout)
+
+    def _await(self, job: _WriteJob, timeout: float | None) -> Any:
         if timeout is None:
             timeout = self.busy_timeout * 2 + 5  # room for two lock waits and the commit
-        if not job.wait(timeout):
-            raise StoreError(f"commit did not finish within {timeout:g}s")
+        deadline = time.monotonic() + timeout
+        done = job._done
+        while True:
+            if job.promoted:
+                self._lead(job)
+            elif done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                if job.finished:
+                    done.release()  # later waits return at once
+                    break
+                # else: woken to take the role (job.promoted); loop to lead
+            else:
+                with self._lock:
+                    job.waiting = False  # never hand the role to a thread that stopped waiting
+                    promoted, finished = job.promoted, job.finished
+                if promoted:
+                    done.acquire()  # released by the promotion, under _lock: returns at once
+                elif finished:
+                    done.acquire()  # finish() is releasing it right now
+                    done.release()
+                    break
+                else:
+                    raise StoreError(f"commit did not finish within {timeout:g}s")
         if job.error is not None:
             raise StoreError(str(job.error)) from job.error
         return job.result
+
+    def _lead(self, job: _WriteJob) -> None:
+        """Holding the role: commit queued jobs until ``job`` is committed, then pass the role on."""
+        job.promoted = False
+        try:
+            while not job.finished:
+                if self._last_batch > 1:
+                    # Under load, let the request threads that are between reading
+                    # and submitting join this commit before it starts: each commit
+                    # costs ~400 us of CPU around its fsync, and this one yield
+                    # takes writes per commit from 5.4 to 15 at 16 connections
+                    # (+12-17% acks/s, same p99; bench/run.py). Idle, nothing waits.
+                    os.sched_yield()
+                self._commit(self._take_batch())
+        finally:
+            self._hand_over(by_writer=False)
+
+    def _take_batch(self) -> list[_WriteJob]:
+        with self._lock:
+            batch = self._pending[:self.MAX_BATCH]
+            del self._pending[:self.MAX_BATCH]
+        return batch
+
+    def _hand_over(self, by_writer: bool) -> bool:
+        """Pass the role on after a commit: to a thread waiting for a queued job,
+        else to the writer thread while jobs are queued, a WAL catch-up is due
+        or the store is closing. True if the calling writer thread keeps it."""
+        with self._lock:
+            if not self._closed and self._catch_up_since is None:
+                for job in self._pending:
+                    if job.waiting:
+                        job.waiting = False
+                        job.promoted = True
+                        job._done.release()  # under _lock: see result_of's timeout
+                        return False
+                if not self._pending:
+                    self._committing = False
+                    return False
+            if by_writer:
+                return True
+            self._writer_turn.release()
+            return False
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database and truncate it (cannot run inside a transaction)."""
@@ -813,14 +960,18 @@ class Store:
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued, stop the writer, close. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True  # no new jobs; the role ends with the writer thread
+            idle = not self._committing
+            self._committing = True
         self._stopped.set()
         if self._checkpointer is not None:
             self._checkpointer.join(timeout)
         if self._writer is not None:
-            self._queue.put(_STOP)
+            if idle:
+                self._writer_turn.release()
             self._writer.join(timeout)
             if self._writer.is_alive():
                 logger.warning("database writer did not stop within %gs", timeout)
@@ -834,36 +985,18 @@ class Store:
             self._conn = None
 
     def _run_writer(self) -> None:
-        stopping = False
-        last_batch = 0
-        while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            batch = [first]
-            stopping = self._take_queued(batch)
-            if not stopping and last_batch > 1 and len(batch) < self.MAX_BATCH:
-                # Under load, let the request threads that are between reading
-                # and submitting join this commit before it starts: each commit
-                # costs ~400 us of CPU around its fsync, and this one yield
-                # takes writes per commit from 5.4 to 15 at 16 connections
-                # (+12-17% acks/s, same p99; bench/run.py). Idle, nothing waits.
-                os.sched_yield()
-                stopping = self._take_queued(batch)
-            last_batch = len(batch)
-            self._commit(batch)
-
-    def _take_queued(self, batch: list) -> bool:
-        """Move queued jobs into ``batch`` (up to MAX_BATCH); True if a stop was among them."""
-        while len(batch) < self.MAX_BATCH:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return False
-            if item is _STOP:
-                return True
-            batch.append(item)
-        return False
+        while True:
+            self._writer_turn.acquire()  # the role is this thread's until _hand_over passes it on
+            while True:
+                if self._catch_up_since is not None:
+                    self._catch_up()
+                batch = self._take_batch()
+                if batch:
+                    self._commit(batch)
+                elif self._closed:
+                    return  # drained; the role stays taken, so nobody uses the connection
+                if not self._hand_over(by_writer=True):
+                    break
 
     @staticmethod
     def _run_jobs(conn: sqlite3.Connection, batch: list[_WriteJob]) -> list:
@@ -883,22 +1016,41 @@ class Store:
         return results
 
     def _commit(self, batch: list[_WriteJob]) -> None:
+        """One transaction for ``batch``; every job gets its answer, whatever happens."""
+        try:
+            self._commit_or_split(batch)
+        except BaseException as exc:
+            # Not a failed job but this thread interrupted (KeyboardInterrupt in
+            # the main thread): nobody may wait for ever, the connection must
+            # be left outside a transaction.
+            self._rollback()
+            for job in batch:
+                if not job.finished:
+                    job.finish(error=StoreError(f"commit interrupted: {exc!r}"))
+            raise
+
+    def _rollback(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _commit_or_split(self, batch: list[_WriteJob]) -> None:
         conn = self._conn
         assert conn is not None
+        self._last_batch = len(batch)
         try:
             conn.execute("BEGIN IMMEDIATE")
             results = self._run_jobs(conn, batch)
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - every job must get an answer
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            self._rollback()
             if len(batch) > 1:
                 # One bad job must not fail the others: retry each on its own.
                 for job in batch:
-                    self._commit([job])
+                    self._commit_or_split([job])
                 return
             job = batch[0]
             if not isinstance(exc, sqlite3.Error):
