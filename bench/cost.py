@@ -84,7 +84,7 @@ def one_round(module_dir: Path, tmp: Path, name: str, args: argparse.Namespace, 
                                       stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # strace attaches to every thread
         cpu0, (vol0, inv0) = cpu_seconds(proc.pid), switches(proc.pid)
-        result = loadgen.run(port, requests[2000:], args.connections, 600)
+        result = loadgen.run(port, requests[2000:], args.connections, 120)
         cpu1, (vol1, inv1) = cpu_seconds(proc.pid), switches(proc.pid)
         os.sched_setaffinity(0, bench_run.ALL_CPUS)
         figures = {"acks": result["ok"], "non2xx": result["non_2xx"], "errors": result["errors"], "rps": result["rps"], "p99_ms": result["p99_ms"],
@@ -99,7 +99,11 @@ def one_round(module_dir: Path, tmp: Path, name: str, args: argparse.Namespace, 
         if tracer is not None and tracer.poll() is None:
             tracer.kill()
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
     match = re.search(r"writes_per_commit=([\d.]+)", log.read_text(errors="replace") if log.exists() else "")
     figures["per_commit"] = float(match.group(1)) if match else float("nan")
     return figures
