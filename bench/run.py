@@ -404,8 +404,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="noyo-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if args.quick:
-            drain_figures(tmp, 100, 0.02)
-            figures = http_figures(tmp, seconds, [64, 16], ["pinned"], rounds=3)
+            if "drain" in parts:
+                drain_figures(tmp, 100, 0.02)
+            if "burst" in parts and args.parts != parser.get_default("parts"):  # only when asked for
+                burst_figure(tmp, args.burst_events, args.burst_objects or args.burst_events, 0.02, 8, limit=300)
+            figures = http_figures(tmp, seconds, [64, 16], ["pinned"], rounds=3) if "http" in parts else {}
         else:
             if "drain" in parts:
                 drain_figures(tmp, 400, 0.02)
