@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ import socket
 import sqlite3
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -179,6 +181,27 @@ def _optional(text: str) -> str:
     return text.strip()
 
 
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("must be a number, e.g. 2 or 0.5") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError("must be a number above 0")
+    return value
+
+
+def _optional_ip_address(text: str) -> str:
+    """Empty, or an IP address in the spelling waitress compares peers with."""
+    text = text.strip()
+    if not text:
+        return ""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError("must be the IP address the proxy connects from, like 127.0.0.1, or empty") from None
+
+
 # (section, key) -> (converter, default, is_secret). The default is ini text,
 # converted like any value from the file, so check-config shows one truth.
 _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
@@ -188,6 +211,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
         "path": (_url_path, "/noyo/webhooks", False),
         "threads": (_int_in(1, 256), "16", False),  # measured: see README, Performance
         "max_body_bytes": (_int_in(1, 64 * 1024 * 1024), "1048576", False),
+        # A TLS proxy in front: when it is the peer, its X-Forwarded-For names the client in logs.
+        "trusted_proxy": (_optional_ip_address, "", False),
     },
     "webhook": {
         "secrets": (parse_secrets, "", True),
@@ -199,7 +224,10 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
         "path": (_nonempty, "noyo_listener.sqlite3", False),
         "synchronous": (_choice("OFF", "NORMAL", "FULL", "EXTRA"), "FULL", False),
         "dedupe_days": (_int_in(1, 3650), "30", False),
+        "history_days": (_int_in(0, 36500), "365", False),  # rows of `changes` kept; 0 = forever
         "busy_timeout": (_duration_at_least(0.001), "5s", False),
+        # external: no checkpoint of our own; a WAL replicator (Litestream) does them
+        "checkpoints": (_choice("auto", "external"), "auto", False),
     },
     "noyo_api": {
         "client_id": (_optional, "", False),  # an identifier; may come from env/credentials all the same
@@ -215,9 +243,19 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str, bool]]] = {
         "backoff_initial": (_duration_at_least(0.001), "1s", False),
         "backoff_max": (_duration_at_least(0.001), "1h", False),
     },
+    "sync": {
+        "interval": (_duration_at_least(0), "6h", False),  # 0 = no periodic passes
+        "rate": (_positive_number, "2", False),  # list requests per second, at most
+        "page_size": (_int_in(5, 100), "100", False),  # Noyo accepts 5..100
+    },
     "log": {
         "level": (_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", False),
     },
+}
+
+# [lists]: kind -> Noyo's paged list of that kind (reconciliation walks it).
+DEFAULT_LISTS = {
+    "difference": "{tracking_url}/api/v1/differences",
 }
 
 DEFAULT_FETCH = {
@@ -245,6 +283,7 @@ class Settings:
     fetch: dict[str, str]
     sources: dict[tuple[str, str], str]  # where a secret came from, for check-config
     config_path: str
+    lists: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LISTS))
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.values[section]
@@ -260,6 +299,16 @@ class Settings:
             tracking_url=api["tracking_url"],
             fulfillment_url=api["fulfillment_url"],
         )
+
+    def list_url(self, kind: str, page_size: int, offset: int) -> str | None:
+        """The URL of one page of Noyo's list of ``kind``, or None."""
+        template = self.lists.get(kind)
+        if template is None:
+            return None
+        api = self.values["noyo_api"]
+        url = template.format(tracking_url=api["tracking_url"], fulfillment_url=api["fulfillment_url"])
+        query = urllib.parse.urlencode({"page_size": page_size, "offset": offset})
+        return url + ("&" if "?" in url else "?") + query
 
     @property
     def fetching_enabled(self) -> bool:
@@ -289,8 +338,24 @@ def _read_secret_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str]
     return found
 
 
-def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
-    """Read and validate the ini at ``path``; raise ConfigError with one line."""
+# What a command needs beyond a valid ini, checked by require(). Commands that
+# only read or maintain the database need none of it, so they work on the
+# production layout, where the secrets are systemd credentials that an
+# operator's shell does not see. A command declares what it needs (the
+# parser's ``needs``); one that declares nothing needs nothing.
+NEEDS_WEBHOOK_SECRETS = "webhook_secrets"  # [webhook] secrets is set
+NEEDS_API = "api"  # [noyo_api] and [fetch] are safe to use as configured (credentials may be absent)
+NEEDS_API_CREDENTIALS = "api_credentials"  # NEEDS_API, and client_id and client_secret are set
+SERVE_NEEDS = (NEEDS_WEBHOOK_SECRETS, NEEDS_API)  # serve, check-config and SIGHUP reload
+
+
+def load_settings(path: str, environ: dict[str, str] | None = None, needs: Iterable[str] = ()) -> Settings:
+    """Read and validate the ini at ``path``; raise ConfigError with one line.
+
+    ``needs`` (see NEEDS_*) adds the checks of what the caller will use:
+    `serve` needs the webhook secrets and a safe API setup; `status` needs
+    neither.
+    """
     environ = dict(os.environ if environ is None else environ)
     parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
     try:
@@ -306,8 +371,9 @@ def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
         raise ConfigError(f"{path} is not a valid ini file: " + " ".join(str(exc).split())) from None
 
     for section in parser.sections():
-        if section not in _SCHEMA and section != "fetch":
-            raise ConfigError(f"{path}: unknown section [{section}]; known: " + ", ".join([*_SCHEMA, "fetch"]))
+        if section not in _SCHEMA and section not in ("fetch", "lists"):
+            known = ", ".join([*_SCHEMA, "fetch", "lists"])
+            raise ConfigError(f"{path}: unknown section [{section}]; known: {known}")
         if section in _SCHEMA:
             for key in parser[section]:
                 if key not in _SCHEMA[section]:
@@ -338,8 +404,10 @@ def load_settings(path: str, environ: dict[str, str] | None = None) -> Settings:
                 raise ConfigError(f"[{section}] {key}: {exc}{shown}") from None
 
     fetch = _fetch_templates(parser["fetch"] if parser.has_section("fetch") else {})
-    settings = Settings(values=values, fetch=fetch, sources=sources, config_path=path)
+    lists = _list_templates(parser["lists"] if parser.has_section("lists") else {})
+    settings = Settings(values=values, fetch=fetch, sources=sources, config_path=path, lists=lists)
     _validate_together(settings)
+    require(settings, needs)
     return settings
 
 
@@ -364,15 +432,28 @@ def _fetch_templates(entries: Any) -> dict[str, str]:
     return fetch
 
 
+def _list_templates(entries: Any) -> dict[str, str]:
+    """[lists] laid over the defaults; an empty entry turns a kind's passes off."""
+    lists = dict(DEFAULT_LISTS)
+    for kind, template in entries.items():
+        template = template.strip()
+        if not template:
+            lists.pop(kind, None)
+            continue
+        try:
+            template.format(tracking_url="T", fulfillment_url="F")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(
+                f"[lists] {kind}: only {{tracking_url}} and {{fulfillment_url}} may appear in the template "
+                f"(got {template!r})"
+            ) from None
+        lists[kind] = template
+    return lists
+
+
 def _validate_together(settings: Settings) -> None:
     """Refuse combinations of keys that are each valid but wrong together."""
-    webhook, database, worker, api = (
-        settings["webhook"], settings["database"], settings["worker"], settings["noyo_api"])
-    if not webhook["secrets"]:
-        raise ConfigError(
-            "[webhook] secrets is empty: set it in the ini, in NOYO_WEBHOOK_SECRETS "
-            "or as the systemd credential NOYO_WEBHOOK_SECRETS"
-        )
+    webhook, database, worker = settings["webhook"], settings["database"], settings["worker"]
     if webhook["max_timestamp_age"] > database["dedupe_days"] * 86400:
         raise ConfigError(
             "[webhook] max_timestamp_age must not exceed [database] dedupe_days, or a replay "
@@ -384,8 +465,82 @@ def _validate_together(settings: Settings) -> None:
             f"[worker] backoff_max must be >= backoff_initial (got {format_duration(worker['backoff_max'])} "
             f"< {format_duration(worker['backoff_initial'])})"
         )
-    if bool(api["client_id"]) != bool(api["client_secret"]):
-        raise ConfigError("[noyo_api] set both client_id and client_secret, or neither (fetching off)")
+
+
+def require(settings: Settings, needs: Iterable[str]) -> None:
+    """Refuse settings that lack what a command needs (see NEEDS_*); one line."""
+    needs = set(needs)
+    api = settings["noyo_api"]
+    if NEEDS_WEBHOOK_SECRETS in needs and not settings["webhook"]["secrets"]:
+        raise ConfigError(
+            "[webhook] secrets is empty: set it in the ini, in NOYO_WEBHOOK_SECRETS "
+            "or as the systemd credential NOYO_WEBHOOK_SECRETS"
+        )
+    if needs & {NEEDS_API, NEEDS_API_CREDENTIALS}:
+        if bool(api["client_id"]) != bool(api["client_secret"]):
+            raise ConfigError("[noyo_api] set both client_id and client_secret, or neither (fetching off)")
+        for key in ("token_url", "tracking_url", "fulfillment_url"):
+            check_api_url(f"[noyo_api] {key}", api[key])
+        check_url_templates(settings, "fetch", settings.fetch)
+        check_url_templates(settings, "lists", settings.lists)
+    if NEEDS_API_CREDENTIALS in needs and not settings.fetching_enabled:
+        raise ConfigError(
+            "[noyo_api] client_id and client_secret are not set: set them in the ini, in NOYO_CLIENT_ID and "
+            "NOYO_CLIENT_SECRET, or as the systemd credentials of those names"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_url(where: str, url: str) -> None:
+    """Refuse a URL the worker cannot reach (no scheme or host) or would send a
+    token or the client secret over in clear (http:// to a host that is not
+    this machine)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        host, parts = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{where}: {url!r} is not an http:// or https:// URL with a host; "
+                          "write it like https://tracking.noyo.com/...")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ConfigError(f"{where}: {url!r} would send credentials and tokens in clear to {host}; "
+                          "use https:// (plain http:// is allowed only to a loopback address like 127.0.0.1)")
+
+
+def check_url_templates(settings: Settings, section: str, templates: dict[str, str]) -> None:
+    """Check each URL template of ``section`` ([fetch], [lists]) as it resolves
+    with the [noyo_api] URLs: a scheme, a host, https unless loopback."""
+    api = settings["noyo_api"]
+    for kind, template in templates.items():
+        try:
+            url = template.format(id="ID", tracking_url=api["tracking_url"], fulfillment_url=api["fulfillment_url"])
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"[{section}] {kind}: only {{id}}, {{tracking_url}} and {{fulfillment_url}} "
+                              f"may appear in the template (got {template!r})") from None
+        check_api_url(f"[{section}] {kind}", url)
+
+
+def settings_warnings(settings: Settings) -> list[str]:
+    """Valid settings an operator should know are weaker than the defaults
+    (`serve` logs each once at start; check-config prints them)."""
+    warnings = []
+    synchronous = settings["database"]["synchronous"]
+    if synchronous in ("OFF", "NORMAL"):
+        warnings.append(f"[database] synchronous = {synchronous}: a 200 no longer means the event survives a "
+                        "power loss or OS crash (FULL, the default, does)")
+    if settings["webhook"]["max_timestamp_age"] == 0:
+        warnings.append("[webhook] max_timestamp_age = 0: the timestamp check is off, so a captured request "
+                        "can be replayed once its event id has been pruned (after dedupe_days)")
+    return warnings
 
 
 def mask_secret(secret: str) -> str:
@@ -415,6 +570,8 @@ def describe_settings(settings: Settings) -> list[str]:
             lines.append(f"{key} = {shown}{suffix}")
     lines.append("[fetch]")
     lines.extend(f"{kind} = {template}" for kind, template in sorted(settings.fetch.items()))
+    lines.append("[lists]")
+    lines.extend(f"{kind} = {template}" for kind, template in sorted(settings.lists.items()))
     return lines
 
 
@@ -568,12 +725,79 @@ MIGRATIONS: list[str] = [
     -- through the events primary key.
     DROP INDEX IF EXISTS deliveries_event;
     """,
+    """
+    -- The change feed (SPEC, History): one row per newer version of an object
+    -- stored, and per state an event alone changed. Written by the worker's
+    -- commits, never by the acknowledgement path. AUTOINCREMENT: a seq is never
+    -- handed out twice, even once prune has emptied the table, so a consumer's
+    -- saved seq stays a valid bookmark.
+    CREATE TABLE changes (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind        TEXT NOT NULL,
+        id          TEXT NOT NULL,
+        version     INTEGER,
+        modified    INTEGER,
+        state_from  TEXT,                  -- NULL the first time the object is seen
+        state_to    TEXT,
+        observed_at TEXT NOT NULL,         -- UTC ISO 8601
+        source      TEXT NOT NULL CHECK (source IN ('fetch', 'sync', 'event')),
+        event_type  TEXT                   -- the event behind a fetch or event row
+    );
+    CREATE INDEX changes_object ON changes (id, seq);
+    CREATE INDEX changes_observed ON changes (observed_at);  -- prune by age without a scan
+
+    -- Views for operators: sqlite3 -box noyo_listener.sqlite3 'select * from open_discrepancy_ages'
+    CREATE VIEW open_discrepancy_ages AS
+        SELECT difference_id, group_id, employee_id, carrier_id, difference_type, open_since,
+               printf('%dd %02dh %02dm', open_seconds / 86400, open_seconds % 86400 / 3600,
+                      open_seconds % 3600 / 60) AS open_for,
+               noticed_at
+        FROM (
+            SELECT d.id AS difference_id, d.group_id, d.employee_id, d.carrier_id, d.difference_type,
+                   n.noticed_at,
+                   coalesce(datetime(d.discrepancy_time, 'unixepoch'), datetime(n.noticed_at)) AS open_since,
+                   CAST((julianday('now') - julianday(coalesce(datetime(d.discrepancy_time, 'unixepoch'),
+                                                             n.noticed_at))) * 86400 AS INTEGER) AS open_seconds
+            FROM differences d
+            LEFT JOIN (SELECT id, MAX(observed_at) AS noticed_at FROM changes
+                       WHERE kind = 'difference' AND state_to = 'discrepancy'
+                         AND state_from IS NOT 'discrepancy' GROUP BY id) n ON n.id = d.id
+            WHERE d.state = 'discrepancy'
+        )
+        ORDER BY open_seconds DESC;
+    CREATE VIEW difference_timeline AS
+        SELECT id AS difference_id, seq, observed_at, state_from, state_to, source, event_type,
+               datetime(modified, 'unixepoch') AS modified, version
+        FROM changes WHERE kind = 'difference' ORDER BY id, seq;
+    CREATE VIEW recent_changes AS
+        SELECT seq, observed_at, kind, id, state_from, state_to, source, event_type
+        FROM changes ORDER BY seq DESC LIMIT 100;
+    """,
+    """
+    -- Reconciliation passes: one row per pass over one [lists] kind.
+    CREATE TABLE syncs (
+        id          INTEGER PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        started_at  TEXT NOT NULL,
+        finished_at TEXT,
+        status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+        pages       INTEGER NOT NULL DEFAULT 0,
+        seen        INTEGER NOT NULL DEFAULT 0,
+        new         INTEGER NOT NULL DEFAULT 0,  -- no row existed: no webhook announced it, or it was lost
+        updated     INTEGER NOT NULL DEFAULT 0,  -- replaced an older row
+        unchanged   INTEGER NOT NULL DEFAULT 0,  -- the row was as new or newer
+        skipped     INTEGER NOT NULL DEFAULT 0,  -- items without an id
+        error       TEXT
+    );
+    CREATE INDEX syncs_kind ON syncs (kind, status, id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mode: str = "write") -> sqlite3.Connection:
+def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mode: str = "write",
+            checkpoints: str = "auto") -> sqlite3.Connection:
     """Open ``path`` with the pragmas every connection of this program uses.
 
     ``mode`` is ``write`` (sets up WAL, synchronous and auto_vacuum: only the
@@ -584,12 +808,17 @@ def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mod
     Autocommit mode: writers say ``BEGIN IMMEDIATE`` themselves, so a
     transaction never upgrades from read to write halfway (which can fail
     with SQLITE_BUSY regardless of the busy timeout).
+
+    ``checkpoints = "external"`` (``[database] checkpoints``) leaves every WAL
+    checkpoint to a replicator such as Litestream, see ``leave_checkpoints_to_others``.
     """
     if mode == "readonly":
         uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if checkpoints == "external":
+        leave_checkpoints_to_others(conn)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     if mode == "write":
         # Lets prune give pages back. Only takes effect on a new, empty file,
@@ -601,6 +830,25 @@ def connect(path: str, synchronous: str = "FULL", busy_timeout: float = 5.0, mod
             raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {journal}); is it on a network filesystem?")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
     return conn
+
+
+def leave_checkpoints_to_others(conn: sqlite3.Connection) -> None:
+    """Make ``conn`` start no WAL checkpoint by itself.
+
+    A replicator that streams the WAL (Litestream) wants to be the only one
+    that checkpoints: it copies frames before it lets them leave the WAL.
+    SQLite checkpoints on its own in two places: after a commit that takes
+    the WAL past ``wal_autocheckpoint`` pages, and when the last connection
+    to the database closes. The first is turned off here for every
+    connection; the second can be turned off only from Python 3.12 on
+    (``setconfig``). Before that it cannot happen while the replicator runs,
+    because the replicator's own open connection means ours is never the
+    last one (tests/test_litestream.py).
+    """
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    no_checkpoint_on_close = getattr(sqlite3, "SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE", None)
+    if no_checkpoint_on_close is not None and hasattr(conn, "setconfig"):
+        conn.setconfig(no_checkpoint_on_close, True)
 
 
 def _create_private_file(path: str) -> None:
@@ -723,10 +971,13 @@ class Store:
 
     MAX_BATCH = 256
 
-    def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = 5.0,
+                 checkpoints: str = "auto") -> None:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
+        # "external": this process runs no checkpoint at all ([database] checkpoints)
+        self.checkpoints = checkpoints
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._closed = False
@@ -751,7 +1002,7 @@ class Store:
         require_directory_of(self.path)
         try:
             _create_private_file(self.path)
-            conn = connect(self.path, self.synchronous, self.busy_timeout)
+            conn = connect(self.path, self.synchronous, self.busy_timeout, checkpoints=self.checkpoints)
             migrate(conn, self.path)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
@@ -760,14 +1011,17 @@ class Store:
         # Checkpoints run on their own thread (PASSIVE: they never block the
         # committer) instead of inside whichever commit crosses the WAL threshold.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
-        # A WAL that grew while it could not start over (a long reader) is cut
-        # back to this size when it next does.
-        conn.execute(f"PRAGMA journal_size_limit = {self.WAL_SIZE_LIMIT}")
+        if self.checkpoints == "auto":
+            # A WAL that grew while it could not start over (a long reader) is
+            # cut back to this size when it next does. (With a replicator the
+            # WAL is its business.)
+            conn.execute(f"PRAGMA journal_size_limit = {self.WAL_SIZE_LIMIT}")
         self._conn = conn
         self._writer = threading.Thread(target=self._run_writer, name="noyo-writer", daemon=True)
         self._writer.start()
-        self._checkpointer = threading.Thread(target=self._run_checkpointer, name="noyo-checkpoint", daemon=True)
-        self._checkpointer.start()
+        if self.checkpoints == "auto":
+            self._checkpointer = threading.Thread(target=self._run_checkpointer, name="noyo-checkpoint", daemon=True)
+            self._checkpointer.start()
 
     CHECKPOINT_EVERY = 1.0  # seconds
     CATCH_UP_JOBS = 256  # at most about this many jobs' frames are copied by the committer itself
@@ -906,7 +1160,12 @@ class Store:
         return False
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database and truncate it (cannot run inside a transaction)."""
+        """Copy the WAL into the database and truncate it (cannot run inside a transaction).
+
+        Does nothing with ``checkpoints = external``: the replicator checkpoints.
+        """
+        if self.checkpoints == "external":
+            return
         conn = self.read()
         try:
             self._checkpoint(conn, "TRUNCATE")
@@ -915,7 +1174,7 @@ class Store:
 
     def read(self) -> sqlite3.Connection:
         """A new connection for reading (WAL readers never block the writer)."""
-        return connect(self.path, self.synchronous, self.busy_timeout, mode="read")
+        return connect(self.path, self.synchronous, self.busy_timeout, mode="read", checkpoints=self.checkpoints)
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued, stop the writer, close. Safe to call twice."""
@@ -939,7 +1198,8 @@ class Store:
             logger.info("database writer stopped commits=%d writes=%d writes_per_commit=%.1f",
                         self.commits, self.jobs_committed, self.jobs_committed / self.commits)
         if self._conn is not None:
-            self._checkpoint(self._conn, "TRUNCATE")
+            if self.checkpoints == "auto":
+                self._checkpoint(self._conn, "TRUNCATE")
             self._conn.close()
             self._conn = None
 
@@ -1110,6 +1370,18 @@ def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
     return row[0] if row else None
 
 
+DAEMON_VIEW_KEY = "api_state"  # the meta row `status` reads the daemon's own view from
+
+
+def record_daemon_view(store: "Store", fetching: bool, api: dict) -> None:
+    """Record what `serve` itself sees: whether it fetches and the API state
+    (``api``: at least ``state``). `status` runs in another process, often
+    without the credentials, so it reads this row instead of guessing from
+    its own environment. Call it whenever either changes."""
+    view = {**api, "fetching": fetching, "pid": os.getpid(), "recorded_at": utc_iso()}
+    store.write(lambda conn: set_meta(conn, DAEMON_VIEW_KEY, json.dumps(view)))
+
+
 PRUNE_BATCH = 2000  # rows per transaction: ingestion never waits long behind a prune
 
 
@@ -1140,43 +1412,228 @@ def prune(store: "Store", dedupe_days: int, include_dead: bool = False, now: flo
         total_deliveries += deliveries
         if events < PRUNE_BATCH and deliveries < PRUNE_BATCH:
             break
-    store.write(lambda conn: conn.execute("PRAGMA incremental_vacuum").fetchall())
+    vacuum_in_steps(store)
     store.checkpoint()
     return total_events, total_deliveries
 
 
+def prune_history(store: "Store", history_days: int, now: float | None = None) -> int:
+    """Forget change-feed rows observed more than ``history_days`` ago (0 keeps
+    them forever), PRUNE_BATCH rows per transaction; returns how many.
+
+    ``seq`` is AUTOINCREMENT, so a consumer's saved seq stays valid however
+    much is pruned: it resumes at the oldest row kept.
+    """
+    if history_days <= 0:
+        return 0
+    cutoff = utc_iso((time.time() if now is None else now) - history_days * 86400)
+    total = 0
+    while True:
+        deleted = store.write(lambda conn: conn.execute(
+            f"DELETE FROM changes WHERE seq IN (SELECT seq FROM changes WHERE observed_at < ? "
+            f"ORDER BY observed_at LIMIT {PRUNE_BATCH})", (cutoff,)).rowcount)
+        total += deleted
+        if deleted < PRUNE_BATCH:
+            return total
+
+
+VACUUM_STEP_PAGES = 256  # pages given back per transaction: each step is a short write
+
+
+def vacuum_in_steps(store: "Store", max_steps: int = 1_000_000) -> int:
+    """Give free pages back to the file system a few at a time, each step its
+    own short transaction, so intake never waits behind one long vacuum."""
+    freed = 0
+    for _ in range(max_steps):
+        def step(conn: sqlite3.Connection) -> int:
+            before = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if before:
+                conn.execute(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})").fetchall()
+            return before - conn.execute("PRAGMA freelist_count").fetchone()[0]
+
+        done = store.write(step)
+        if done <= 0:
+            break
+        freed += done
+    return freed
+
+
+def own_like_directory(fd: int, directory: str) -> None:
+    """Give the open file ``fd`` the owner and group of ``directory`` when
+    running as root. Under ``DynamicUser=`` the service runs as a user of its
+    own, and systemd does not re-own files inside a state directory that
+    already has the right owner: a root-owned file there would make `serve`
+    fail with EACCES and restart in a loop."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(directory)
+    os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
 class InstanceLock:
-    """One `serve` per database: a second one would race the first's worker."""
+    """One `serve` per database: a second one would race the first's worker.
+    `restore` takes it too, so that no `serve` starts while it writes."""
+
+    # `status` takes the lock shared for an instant to see whether a `serve`
+    # holds it; a `serve` starting at that very instant waits this long.
+    ACQUIRE_PATIENCE = 1.0
 
     def __init__(self, db_path: str) -> None:
         self.db_path = db_path
         self.path = db_path + ".lock"
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, busy_message: str | None = None) -> None:
+        """Take the lock or raise StoreError (``busy_message`` when another holds it)."""
         require_directory_of(self.path)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            own_like_directory(fd, os.path.dirname(os.path.abspath(self.path)))
         except OSError as exc:
             raise StoreError(f"cannot create lock file {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise StoreError(
-                    f"another noyo-listener is already serving {os.path.abspath(self.db_path)} "
-                    f"(lock {self.path} is held); stop it first"
-                ) from None
-            raise StoreError(f"cannot lock {self.path}: {exc.strerror}") from None
+        deadline = time.monotonic() + self.ACQUIRE_PATIENCE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EACCES) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise StoreError(busy_message or (
+                        f"another noyo-listener is already serving {os.path.abspath(self.db_path)} "
+                        f"(lock {self.path} is held); stop it first")) from None
+                raise StoreError(f"cannot lock {self.path}: {exc.strerror}") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    @staticmethod
+    def holder(db_path: str) -> tuple[bool | None, int | None]:
+        """Whether a process (a `serve`) holds the lock of ``db_path``, and its
+        pid: ``(True, pid)``, ``(False, None)``, or ``(None, None)`` when this
+        user may not look. Takes the lock shared for an instant, never waits."""
+        path = db_path + ".lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False, None
+        except OSError:
+            return None, None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    return None, None
+                text = os.read(fd, 32).decode("ascii", "replace").strip()
+                return True, int(text) if text.isdigit() else None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False, None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def check_backup(source: str) -> tuple[int, int]:
+    """Refuse ``source`` unless it is an intact noyo-listener database of a
+    schema this program understands; return (schema version, events)."""
+    if not os.path.isfile(source):
+        raise StoreError(f"{source} does not exist or is not a file; nothing was changed")
+    try:
+        conn = connect(source, mode="readonly")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {source}: {exc}; nothing was changed") from None
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] if "events" in tables else 0
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{source} cannot be read as a SQLite database ({exc}): it is damaged or not a "
+                         "backup; nothing was changed") from None
+    finally:
+        conn.close()
+    if problems != ["ok"]:
+        raise StoreError(f"{source} fails SQLite's integrity check ({problems[0]}); nothing was changed: "
+                         "pick another backup")
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{source} has schema version {version}, newer than this program's {SCHEMA_VERSION}; "
+                         "restore it with the newer noyo_listener.py; nothing was changed")
+    if version < 1 or "events" not in tables:
+        raise StoreError(f"{source} is not a noyo-listener database (no events table); nothing was changed")
+    return version, events
+
+
+def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_if_present(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def restore_database(source: str, target: str) -> None:
+    """Put a copy of ``source`` in place of the database ``target``; the caller
+    holds the instance lock (no `serve` runs).
+
+    The copy is written through SQLite's backup API into a temporary file in
+    the target's directory (mode 0600, owned like the directory), checked,
+    made self-contained (no WAL) and fsynced, then renamed over the target:
+    at every moment the target is the old database or the whole new one.
+    """
+    directory = os.path.dirname(os.path.abspath(target))
+    require_directory_of(target)
+    fd, temporary = tempfile.mkstemp(prefix=os.path.basename(target) + ".restore-", suffix=".tmp", dir=directory)
+    renamed = False
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # it holds member data
+            own_like_directory(fd, directory)
+        finally:
+            os.close(fd)
+        source_conn = connect(source, mode="readonly")
+        copy = sqlite3.connect(temporary, isolation_level=None)
+        try:
+            source_conn.backup(copy)  # one step: a single consistent snapshot
+            check = copy.execute("PRAGMA quick_check").fetchone()[0]
+            # The copy must be one file: a WAL beside it would not follow the rename.
+            journal = copy.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+        finally:
+            copy.close()
+            source_conn.close()
+        if check != "ok" or journal.lower() != "delete" or os.path.exists(temporary + "-wal"):
+            raise StoreError(f"the copy of {source} did not check out (quick_check: {check}); nothing was changed")
+        _fsync_path(temporary)
+        # The old database's WAL, shared memory and rollback journal go first:
+        # SQLite would replay a stale WAL or journal into the new file. A crash
+        # right here leaves the old database as of its last checkpoint.
+        for suffix in ("-wal", "-shm", "-journal"):
+            _unlink_if_present(target + suffix)
+        os.replace(temporary, target)
+        renamed = True
+        _fsync_path(directory)  # the rename itself survives a power loss
+    except sqlite3.Error as exc:
+        raise StoreError(f"restore of {source} failed: {exc}; nothing was changed") from None
+    except OSError as exc:
+        raise StoreError(f"restore of {source} into {directory} failed: {exc.strerror or exc}") from None
+    finally:
+        if not renamed:
+            for leftover in (temporary, temporary + "-journal", temporary + "-wal", temporary + "-shm"):
+                _unlink_if_present(leftover)
 
 
 # --- Signature -------------------------------------------------------------
@@ -1288,6 +1745,25 @@ def _json_error(message: str) -> bytes:
     return json.dumps({"ok": False, "error": message}).encode()
 
 
+# Printable ASCII but space, '"', '=' and backslash: such a value cannot end
+# its field early, start a new line or add a key=value of its own.
+_BARE_LOG_VALUE = re.compile(r'[!#-<>-\[\]-~]+')
+
+
+def log_value(value: Any) -> str:
+    """``value`` (anything a request chose: path, header, event id or type) as
+    one field of a key=value log line: as is when it is plain, else quoted
+    with JSON escapes, so a hostile value can neither start a new line (no
+    CR, LF or other control character survives) nor add a field. None is
+    ``-``. Every request-derived value in a log line goes through here."""
+    if value is None:
+        return "-"
+    text = value if isinstance(value, str) else str(value)
+    if _BARE_LOG_VALUE.fullmatch(text):
+        return text
+    return json.dumps(text)  # ensure_ascii: everything outside printable ASCII becomes an escape
+
+
 class BadEvent(ValueError):
     """An authentic body that cannot be an event (answer 400)."""
 
@@ -1387,15 +1863,61 @@ class RequestPolicy:
                    settings["server"]["max_body_bytes"], frozenset(settings.fetch))
 
 
+class SharedCheck:
+    """Single-flight: one call of ``check`` runs at a time; callers that arrive
+    meanwhile wait for it and share its result; a healthy result stays fresh
+    for ``fresh`` seconds. A caller that waits longer than ``wait`` gets a
+    problem saying so (the check itself is then stuck)."""
+
+    def __init__(self, check: Callable[[], list[str]], fresh: float, wait: float) -> None:
+        self.check = check
+        self.fresh = fresh
+        self.wait = wait
+        self._lock = threading.Lock()
+        self._result: tuple[float, list[str]] | None = None  # (monotonic when finished, problems)
+        self._running: threading.Event | None = None
+
+    def verdict(self) -> list[str]:
+        with self._lock:
+            result = self._result
+            # Only a healthy verdict is reused after its check ended: a recovery
+            # must show at once, and a failure is shared by the callers that
+            # waited for it.
+            if result is not None and not result[1] and time.monotonic() - result[0] < self.fresh:
+                return []
+            running = self._running
+            leader = running is None
+            if leader:
+                running = self._running = threading.Event()
+        assert running is not None
+        if not leader:
+            if not running.wait(self.wait):
+                return [f"health check did not finish within {self.wait:g}s"]
+            with self._lock:
+                return list(self._result[1]) if self._result else ["health check failed"]
+        try:
+            problems = self.check()
+        except Exception as exc:  # noqa: BLE001 - every waiter needs an answer
+            problems = [f"health check failed: {exc.__class__.__name__}: {exc}"]
+        with self._lock:
+            self._result = (time.monotonic(), problems)
+            self._running = None
+        running.set()
+        return list(problems)
+
+
 class Receiver:
     """The webhook route and the health check, as a Bottle app."""
+
+    HEALTH_FRESH = 1.0  # seconds one health verdict is shared
 
     def __init__(self, settings: Settings, store: Store, worker: "Worker | None" = None) -> None:
         self.store = store
         self.worker = worker
         self.path = settings["server"]["path"]
         self.policy = RequestPolicy.from_settings(settings)
-        self._health_write = threading.Lock()
+        self._health = SharedCheck(self._check_health, fresh=self.HEALTH_FRESH,
+                                   wait=store.busy_timeout * 2 + 5)
         self.app = self._build_app()
 
     def _build_app(self) -> bottle.Bottle:
@@ -1416,12 +1938,12 @@ class Receiver:
         """The one line each request gets: never a payload, never a secret."""
         elapsed = f"{(time.perf_counter() - started) * 1000:.1f}" if started is not None else "-"
         logger.log(level, "request method=%s path=%s status=%d ms=%s %s remote=%s",
-                   environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status, elapsed, details,
-                   environ.get("REMOTE_ADDR", "-"))
+                   log_value(environ.get("REQUEST_METHOD")), log_value(environ.get("PATH_INFO")), status, elapsed,
+                   details, log_value(environ.get("REMOTE_ADDR")))
 
     def _reject(self, status: int, reason: str, environ: dict, started: float, message: str) -> bottle.HTTPResponse:
         self._log_request(logging.WARNING, environ, status, started,
-                          f"reason={reason} trace={environ.get('HTTP_X_CLOUD_TRACE_CONTEXT', '-')}")
+                          f"reason={reason} trace={log_value(environ.get('HTTP_X_CLOUD_TRACE_CONTEXT'))}")
         return self._answer(status, _json_error(message))
 
     def receive_webhook(self) -> bottle.HTTPResponse:
@@ -1458,36 +1980,39 @@ class Receiver:
             trace_context=environ.get("HTTP_X_CLOUD_TRACE_CONTEXT"),
             secret_name=match.secret_name, signature_form=match.form,
         )
-        event_fields = f"event_id={parsed.event_id} type={parsed.type or '-'}"
+        event_fields = f"event_id={log_value(parsed.event_id)} type={log_value(parsed.type or None)}"
         try:
             duplicate = self.store.write(None, batch_fn=store_events, item=(parsed, delivery))
         except StoreError as exc:
-            self._log_request(logging.ERROR, environ, 503, started, f"{event_fields} reason=not_stored error={exc}")
+            self._log_request(logging.ERROR, environ, 503, started,
+                              f"{event_fields} reason=not_stored error={log_value(str(exc))}")
             return self._answer(503, _json_error("cannot store the event now; retry later"))
         self._log_request(logging.INFO, environ, 200, started,
                           f"{event_fields} stored={parsed.status} duplicate={int(duplicate)} "
-                          f"secret={match.secret_name} form={match.form}")
+                          f"secret={log_value(match.secret_name)} form={match.form}")
         if not duplicate and parsed.status == "pending" and self.worker is not None:
             self.worker.wake_for_new_event()
         return self._answer(200, _OK_DUPLICATE if duplicate else _OK)
 
     def health_problems(self) -> list[str]:
-        """Why the service is unhealthy (empty when a write commits and the worker progresses)."""
+        """Why the service is unhealthy (empty when a write commits and the worker progresses).
+
+        Concurrent callers share one check in flight, and its verdict for
+        HEALTH_FRESH seconds after: any number of probes (the watchdog's
+        included) cost one commit and get the same answer.
+        """
+        return self._health.verdict()
+
+    def _check_health(self) -> list[str]:
         problems = []
         if not self.store.writer_alive():
             problems.append("database writer thread is not running")
-        # One health write at a time: probes against a stuck disk must not
-        # pile up and take every HTTP thread.
-        elif self._health_write.acquire(blocking=False):
+        else:
             try:
                 self.store.write(lambda conn: set_meta(conn, "healthz_at", utc_iso()),
                                  timeout=self.store.busy_timeout + 2)
             except StoreError as exc:
                 problems.append(f"database not writable: {exc}")
-            finally:
-                self._health_write.release()
-        else:
-            problems.append("database not writable: the previous health check's write has not finished")
         if self.worker is not None:
             stalled = self.worker.stalled()
             if stalled:
@@ -1508,7 +2033,7 @@ class Receiver:
     def _error_page(self, error: bottle.HTTPError) -> bytes:
         environ = bottle.request.environ
         if error.status_code == 500:
-            self._log_request(logging.ERROR, environ, 500, None, f"error={error.exception!r}")
+            self._log_request(logging.ERROR, environ, 500, None, f"error={log_value(repr(error.exception))}")
         else:
             reason = "_".join(error.status_line.split(" ", 1)[1].lower().split())  # not_found, method_not_allowed
             self._log_request(logging.INFO, environ, error.status_code, None, f"reason={reason}")
@@ -1523,7 +2048,8 @@ class _LoggedErrorTask(waitress.task.ErrorTask):
     def execute(self) -> None:
         error = self.request.error
         logger.warning("request rejected by the http layer status=%d reason=%s remote=%s",
-                       error.code, "_".join(error.reason.lower().split()), self.channel.addr[0] if self.channel.addr else "-")
+                       error.code, log_value("_".join(error.reason.lower().split())),
+                       log_value(self.channel.addr[0] if self.channel.addr else None))
         super().execute()
 
 
@@ -1570,6 +2096,13 @@ def create_http_server(settings: Settings, app: Callable) -> Any:
         connection_limit=1000,
         channel_timeout=60,
         expose_tracebacks=False,
+        # With a TLS proxy in front, every peer is the proxy: when the peer is
+        # [server] trusted_proxy, waitress puts the last X-Forwarded-For hop
+        # (the address the proxy saw) in REMOTE_ADDR. From anyone else the
+        # header is dropped, so a client cannot choose the address we log.
+        **({"trusted_proxy": server_cfg["trusted_proxy"], "trusted_proxy_count": 1,
+            "trusted_proxy_headers": {"x-forwarded-for"}} if server_cfg["trusted_proxy"] else {}),
+        clear_untrusted_proxy_headers=True,
     )
     server.channel_class = _Channel
     return server
@@ -1579,33 +2112,52 @@ def create_http_server(settings: Settings, app: Callable) -> Any:
 
 
 class FetchError(Exception):
-    """A fetch failed. ``kind`` tells the worker how to react:
-
-    ``transient`` (network, timeout, 5xx, a broken answer), ``rate_limited``
-    (429), ``not_found`` (404: maybe not visible yet), ``auth`` (credentials
-    wrong: pause everything, do not burn attempts).
-    """
+    """A failed API exchange. ``kind`` names what failed, one of FETCH_FAILURES;
+    what that means for the event and for the API is FAILURE_POLICY's to say."""
 
     def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
+        assert kind in FETCH_FAILURES, kind
         self.kind = kind
         self.retry_after = retry_after
 
 
+# What can fail in an exchange with the API (a small fixed set: logs and
+# metrics use these names).
+FETCH_FAILURES = (
+    "transient",     # connection refused/reset, timeout, 5xx, a 2xx body that is not JSON at all
+    "rate_limited",  # 429
+    "credentials",   # the token endpoint refused client_id/client_secret
+    "not_found",     # object GET answered 404 (maybe not visible yet)
+    "refused",       # object GET answered 403, 400, 410, 422, or 401 with a fresh token
+    "not_object",    # the answer is JSON, but not an object
+)
+
+# Object answers that no retry will change: the event is dead until an operator acts.
+_REFUSED_OBJECT_STATUSES = {400: "Bad Request", 403: "Forbidden", 410: "Gone", 422: "Unprocessable Entity"}
+
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() accepts "²", which float() refuses
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date).
+
+    None when absent or malformed; never raises, whatever the header holds
+    (the caller caps the result at ``backoff_max``).
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DIGITS.fullmatch(value):
+        return float(min(int(value[:30]), 10**12)) if len(value) <= 30 else 1e12
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def token_lifetime(expires_in: Any) -> float:
@@ -1630,7 +2182,7 @@ def unwrap_object(data: Any, expected_id: str) -> dict:
     if isinstance(data, dict) and "id" not in data and isinstance(data.get("response"), dict):
         data = data["response"]
     if not isinstance(data, dict):
-        raise FetchError("transient", "answer is not a JSON object")
+        raise FetchError("not_object", f"answer is JSON but not an object ({type(data).__name__})")
     if "id" not in data:
         raise FetchError("transient", "answer has no id")
     if str(data["id"]) != expected_id:
@@ -1702,45 +2254,95 @@ class _HttpPool:
             return response.status, {k.lower(): v for k, v in response.getheaders()}, data
 
 
+class _TokenRefresh:
+    """One token request in flight; the threads that need a token meanwhile
+    wait for it and share its result, success or failure."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.token: str | None = None
+        self.error: FetchError | None = None
+
+
 class NoyoClient:
-    """Fetches objects from Noyo's REST API with a shared, refreshed token."""
+    """Talks to Noyo's REST API with a shared, refreshed token.
+
+    Every failure is raised as a FetchError whose ``kind`` FAILURE_POLICY
+    interprets; this class only says what happened.
+    """
 
     def __init__(self, settings: Settings) -> None:
         api = settings["noyo_api"]
         self.token_url = api["token_url"]
+        self.timeout = api["timeout"]
         self._basic = "Basic " + base64.b64encode(f"{api['client_id']}:{api['client_secret']}".encode()).decode()
         self._http = _HttpPool(api["timeout"])
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the fields below; never held across I/O
         self._token: str | None = None
         self._token_expires = 0.0
+        self._refresh: _TokenRefresh | None = None
 
     def _token_for(self, stale: str | None = None) -> str:
-        """A valid token; ``stale`` is one the API just refused (refresh it once)."""
+        """A valid token; ``stale`` is one the API just refused (refresh it once).
+
+        Single-flight: one thread requests a token, the others that need one
+        meanwhile wait for that request and share its answer.
+        """
         with self._lock:
             if self._token and self._token != stale and time.monotonic() < self._token_expires:
                 return self._token
-            self._token = None
-            try:
-                status, headers, body = self._http.request("POST", self.token_url, {
-                    "Authorization": self._basic, "Content-Type": "application/json",
-                    "Accept": "application/json", "User-Agent": USER_AGENT,
-                }, b'{"grant_type": "client_credentials"}')
-            except (http.client.HTTPException, OSError) as exc:
-                raise FetchError("transient", f"token request failed: {exc.__class__.__name__}: {exc}") from None
-            if status in (400, 401, 403):
-                raise FetchError("auth", f"token endpoint {self.token_url} answered {status}; "
-                                 "check [noyo_api] client_id and client_secret")
-            self._raise_for_status(status, headers, f"token endpoint {self.token_url}")
-            try:
-                answer = json.loads(body)
-            except ValueError:
-                answer = None
-            token = answer.get("access_token") if isinstance(answer, dict) else None
-            if not isinstance(token, str) or not token:
-                raise FetchError("transient", "token endpoint answered without an access_token")
-            self._token = token
-            self._token_expires = time.monotonic() + token_lifetime(answer.get("expires_in"))
+            refresh = self._refresh
+            leader = refresh is None
+            if leader:
+                refresh = self._refresh = _TokenRefresh()
+                self._token = None
+        assert refresh is not None
+        if not leader:
+            if not refresh.done.wait(self.timeout + 5):
+                raise FetchError("transient", "token request of another thread did not finish")
+            if refresh.error is not None:
+                raise refresh.error
+            assert refresh.token is not None
+            return refresh.token
+        try:
+            token, lifetime = self._request_token()
+        except FetchError as error:
+            refresh.error = error
+            raise
+        except Exception as exc:  # noqa: BLE001 - waiters must be answered whatever happened
+            refresh.error = FetchError("transient", f"token request failed: {exc.__class__.__name__}")
+            raise refresh.error from exc
+        else:
+            refresh.token = token
+            with self._lock:
+                self._token, self._token_expires = token, time.monotonic() + lifetime
             return token
+        finally:
+            with self._lock:
+                self._refresh = None
+            refresh.done.set()
+
+    def _request_token(self) -> tuple[str, float]:
+        """POST the client credentials; the token and how long to trust it."""
+        try:
+            status, headers, body = self._http.request("POST", self.token_url, {
+                "Authorization": self._basic, "Content-Type": "application/json",
+                "Accept": "application/json", "User-Agent": USER_AGENT,
+            }, b'{"grant_type": "client_credentials"}')
+        except (http.client.HTTPException, OSError) as exc:
+            raise FetchError("transient", f"token request failed: {exc.__class__.__name__}: {exc}") from None
+        if status in (400, 401, 403):
+            raise FetchError("credentials", f"token endpoint {self.token_url} answered {status}; "
+                             "check [noyo_api] client_id and client_secret")
+        self._raise_for_status(status, headers, f"token endpoint {self.token_url}")
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        token = answer.get("access_token") if isinstance(answer, dict) else None
+        if not isinstance(token, str) or not token:
+            raise FetchError("transient", "token endpoint answered without an access_token")
+        return token, token_lifetime(answer.get("expires_in"))
 
     @staticmethod
     def _raise_for_status(status: int, headers: dict[str, str], what: str) -> None:
@@ -1749,12 +2351,10 @@ class NoyoClient:
         retry_after = parse_retry_after(headers.get("retry-after"))
         if status == 429:
             raise FetchError("rate_limited", f"{what} answered 429 Too Many Requests", retry_after)
-        if status == 404:
-            raise FetchError("not_found", f"{what} answered 404 Not Found")
         raise FetchError("transient", f"{what} answered HTTP {status}", retry_after)
 
-    def fetch(self, url: str, object_id: str) -> dict:
-        """GET the object at ``url``; it must carry ``id == object_id``."""
+    def get_json(self, url: str) -> Any:
+        """GET ``url`` with a token (refreshed once on a 401); the parsed JSON answer."""
         token = self._token_for()
         for retry_on_401 in (True, False):
             try:
@@ -1766,16 +2366,24 @@ class NoyoClient:
             if status == 401 and retry_on_401:
                 token = self._token_for(stale=token)
                 continue
-            if status in (401, 403):
-                raise FetchError("auth", f"API answered {status} with a fresh token; "
-                                 "check that [noyo_api] client_id may read this object")
+            if status == 401:
+                raise FetchError("refused", "API answered 401 Unauthorized with a fresh token; check that "
+                                 "[noyo_api] client_id may read this object, then requeue")
+            if status in _REFUSED_OBJECT_STATUSES:
+                raise FetchError("refused", f"API answered {status} {_REFUSED_OBJECT_STATUSES[status]} for this "
+                                 "object; fix the cause (access, [fetch] URL), then requeue")
+            if status == 404:
+                raise FetchError("not_found", "API answered 404 Not Found")
             self._raise_for_status(status, headers, "API")
             try:
-                data = json.loads(body)
+                return json.loads(body)
             except ValueError:
                 raise FetchError("transient", "answer is not JSON") from None
-            return unwrap_object(data, object_id)
         raise AssertionError("unreachable")
+
+    def fetch(self, url: str, object_id: str) -> dict:
+        """GET the object at ``url``; it must carry ``id == object_id``."""
+        return unwrap_object(self.get_json(url), object_id)
 
 
 # --- Worker ----------------------------------------------------------------
@@ -1865,58 +2473,140 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: list[str], fetched_at: str) -> None:
+CHANGE_SOURCES = ("fetch", "sync", "event")
+_INSERT_CHANGE = ("INSERT INTO changes (kind, id, version, modified, state_from, state_to, observed_at, source, "
+                  "event_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def record_change(conn: sqlite3.Connection, kind: str, obj: dict, state_from: str | None, state_to: str | None,
+                  observed_at: str, source: str, event_type: str | None) -> None:
+    """Append one row to the change feed, inside the caller's transaction."""
+    if source not in CHANGE_SOURCES:
+        raise ValueError(f"change source must be one of {', '.join(CHANGE_SOURCES)} (got {source!r})")
+    conn.execute(_INSERT_CHANGE, (kind, str(obj["id"]), _scalar(obj.get("version")), _scalar(obj.get("modified")),
+                                  state_from, state_to, observed_at, source, event_type))
+
+
+def newest_event_type(conn: sqlite3.Connection, event_ids: list[str]) -> str | None:
+    """The type of the newest of these events (``event_order``): what a fetch row names as its cause."""
+    newest: tuple | None = None
+    placeholders = ", ".join("?" * len(event_ids))
+    for event_type, created in conn.execute(
+            f"SELECT type, created FROM events WHERE event_id IN ({placeholders})", event_ids):
+        if newest is None or event_order(created, event_type) >= newest:
+            newest = event_order(created, event_type)
+    return newest[2] if newest else None
+
+
+def object_status(obj: dict) -> str | None:
+    """The state the feed records for kinds other than differences: ``status`` when it is text."""
+    status = obj.get("status")
+    return status if isinstance(status, str) else None
+
+
+def apply_difference(conn: sqlite3.Connection, obj: dict, body: str, event_ids: list[str], fetched_at: str, *,
+                     source: str = "fetch", event_type: str | None = None) -> str:
     """Merge a fetched difference and the events that asked for it into its row.
 
     The result does not depend on the order of events and fetches: the row
     keeps the newest object (a fetch with an older ``modified`` never wins),
     the ``replaced`` flag only ever turns on, and ``last_event_type`` is the
     type of the newest event by ``created``.
+
+    Returns ``new`` (first sighting), ``updated`` (a newer object, or the same
+    version in another state) or ``unchanged`` (an older or identical one).
+    The change feed gets a row, in this transaction, for ``new`` and
+    ``updated``, and a row with source ``event`` when a ``difference.replaced``
+    event alone changed the state. ``event_type`` names the event behind a
+    fetch; by default the newest of ``event_ids`` (none for a sync pass).
     """
     diff_id = str(obj["id"])
-    row = conn.execute("SELECT body, replaced, replaced_by, last_event_type, last_event_created, fetched_at "
+    observed_at = fetched_at
+    row = conn.execute("SELECT body, replaced, replaced_by, last_event_type, last_event_created, fetched_at, state "
                        "FROM differences WHERE id = ?", (diff_id,)).fetchone()
     stored = json.loads(row[0]) if row else None
     replaced, replaced_by = (bool(row[1]), row[2]) if row else (False, None)
+    was_replaced, state_from = replaced, (row[6] if row else None)
     last_type, last_created = (row[3], row[4]) if row else (None, None)
+    cause: tuple | None = None  # event_order of the newest event in event_ids
 
     placeholders = ", ".join("?" * len(event_ids))
-    for event_type, created, payload in conn.execute(
+    for type_, created, payload in conn.execute(
             f"SELECT type, created, payload FROM events WHERE event_id IN ({placeholders})", event_ids):
-        if event_type == "difference.replaced":
+        if type_ == "difference.replaced":
             replaced = True
             try:
                 data = json.loads(payload).get("data")
             except (ValueError, AttributeError):
                 data = None
             replaced_by = replaced_by or find_replaced_by(data)
-        if last_type is None or event_order(created, event_type) >= event_order(last_created, last_type):
-            last_type, last_created = event_type, created
+        if last_type is None or event_order(created, type_) >= event_order(last_created, last_type):
+            last_type, last_created = type_, created
+        if cause is None or event_order(created, type_) >= cause:
+            cause = event_order(created, type_)
+    if source == "sync":
+        event_type = None  # a pass is behind it, not an event
+    elif event_type is None and cause is not None:
+        event_type = cause[2]
 
+    newer = stored is None or newness(obj) > newness(stored)
     if stored is not None and newness(obj) < newness(stored):
         obj, body, fetched_at = stored, row[0], row[5]  # an older fetch: keep the newer object we have
     replaced_by = find_replaced_by(obj) or replaced_by
+    state = difference_state(obj, replaced)
     conn.execute(_UPSERT_DIFFERENCE, (
-        diff_id, difference_state(obj, replaced), _scalar(obj.get("resolved")), _scalar(obj.get("discrepancy_time")),
+        diff_id, state, _scalar(obj.get("resolved")), _scalar(obj.get("discrepancy_time")),
         _scalar(obj.get("modified")), _scalar(obj.get("version")), _scalar(obj.get("group_id")),
         _scalar(obj.get("employee_id")), _scalar(obj.get("carrier_id")), _scalar(obj.get("difference_type")),
         _scalar(obj.get("difference_classification")), last_type, last_created, int(replaced), replaced_by,
         fetched_at, body,
     ))
+    if not newer and state == state_from:
+        return "unchanged"
+    # No newer object, yet another state: the replaced event of this call did
+    # it (else an object whose modified and version did not move).
+    by_event = not newer and replaced and not was_replaced
+    record_change(conn, "difference", obj, state_from, state, observed_at,
+                  "event" if by_event else source, "difference.replaced" if by_event else event_type)
+    if stored is None:
+        return "new"
+    return "unchanged" if by_event else "updated"
 
 
-def apply_resource(conn: sqlite3.Connection, kind: str, obj: dict, body: str, fetched_at: str) -> None:
-    """Keep the newest fetched state of any other kind in ``resources``."""
+def apply_resource(conn: sqlite3.Connection, kind: str, obj: dict, body: str, fetched_at: str, *,
+                   source: str = "fetch", event_type: str | None = None) -> str:
+    """Keep the newest fetched state of any other kind in ``resources``.
+
+    Returns ``new``, ``updated`` or ``unchanged`` as ``apply_difference`` does,
+    and appends to the change feed for the first two (state: ``status``).
+    """
     object_id = str(obj["id"])
     row = conn.execute("SELECT body FROM resources WHERE kind = ? AND id = ?", (kind, object_id)).fetchone()
-    if row is not None and newness(obj) < newness(json.loads(row[0])):
-        return
+    stored = json.loads(row[0]) if row else None
+    if stored is not None and newness(obj) < newness(stored):
+        return "unchanged"
     conn.execute(
         "INSERT INTO resources (kind, id, modified, fetched_at, body) VALUES (?, ?, ?, ?, ?) "
         "ON CONFLICT (kind, id) DO UPDATE SET modified = excluded.modified, "
         "fetched_at = excluded.fetched_at, body = excluded.body",
         (kind, object_id, _scalar(obj.get("modified")), fetched_at, body),
     )
+    state_from = object_status(stored) if stored is not None else None
+    if stored is not None and newness(obj) == newness(stored) and object_status(obj) == state_from:
+        return "unchanged"  # the same version again (its body and fetched_at refreshed)
+    record_change(conn, kind, obj, state_from, object_status(obj), fetched_at, source,
+                  None if source == "sync" else event_type)
+    return "new" if stored is None else "updated"
+
+
+def apply_object(conn: sqlite3.Connection, kind: str, obj: dict, body: str, event_ids: list[str],
+                 fetched_at: str, source: str = "fetch", event_type: str | None = None) -> str:
+    """Store one object from the API, whoever brought it (a fetch or a sync pass)."""
+    if kind == "difference":
+        return apply_difference(conn, obj, body, event_ids, fetched_at, source=source, event_type=event_type)
+    if event_type is None and source == "fetch" and event_ids:
+        event_type = newest_event_type(conn, event_ids)  # the change feed names the event behind a fetch
+    return apply_resource(conn, kind, obj, body, fetched_at, source=source, event_type=event_type)
 
 
 @dataclasses.dataclass
@@ -1925,7 +2615,7 @@ class _Claim:
 
     kind: str
     data_id: str | None
-    events: list[tuple[str, int]]  # (event_id, attempts including this one)
+    events: list[tuple[str, int]]  # (event_id, attempts spent before this one)
     probe: bool = False  # dispatched as the single probe of a failing API
 
     @property
@@ -1933,15 +2623,100 @@ class _Claim:
         return (self.kind, self.data_id)
 
 
+# --- Worker: the failure policy ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What one kind of failed exchange means (a row of SPEC's failure table).
+
+    ``event``: ``retry`` (backoff, spends an attempt, dead at max_attempts),
+    ``dead`` (at once: no retry can help), ``wait`` (until the API pause
+    ends, spends nothing). ``api``: ``failing`` (counts toward the API-wide
+    pause), ``auth_failed`` (pauses everything now), ``answered`` (the API
+    works; this object is the problem).
+    """
+
+    event: str
+    api: str
+
+
+FAILURE_POLICY: dict[str, Verdict] = {
+    "transient": Verdict("retry", "failing"),
+    "rate_limited": Verdict("retry", "failing"),
+    "credentials": Verdict("wait", "auth_failed"),
+    "not_found": Verdict("retry", "answered"),
+    "refused": Verdict("dead", "answered"),
+    "not_object": Verdict("dead", "answered"),
+}
+
+# The outcome of one fetch, as logs and metrics name it: a small fixed set.
+FETCH_OUTCOMES = ("ok", *FETCH_FAILURES)
+
+STOPPED_DURING_FETCH = "process stopped during fetch"
+
+
+@dataclasses.dataclass(frozen=True)
+class EventOutcome:
+    """What becomes of one event after an exchange: its row's new values."""
+
+    status: str  # done | pending | dead
+    spent: int  # attempts this exchange cost (0 or 1)
+    due: float | None  # next_attempt_at, unix seconds (pending only)
+    last_error: str | None
+
+
+class FailurePolicy:
+    """The one place that turns an exchange's result into an event's fate
+    and counts attempts (FAILURE_POLICY says what each failure means)."""
+
+    def __init__(self, max_attempts: int, backoff_initial: float, backoff_max: float) -> None:
+        self.max_attempts = max_attempts
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+
+    @staticmethod
+    def classify(error: FetchError) -> Verdict:
+        return FAILURE_POLICY[error.kind]
+
+    def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """Seconds before attempt ``attempts + 1``: between 0.5x and 1x of
+        ``min(backoff_max, backoff_initial * 2^(attempts-1))``, or longer when
+        ``Retry-After`` asks, up to ``backoff_max``."""
+        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(max(attempts, 1) - 1, 60))
+        delay = random.uniform(ceiling / 2, ceiling)
+        if retry_after is not None and math.isfinite(retry_after) and retry_after > delay:
+            delay = min(retry_after, self.backoff_max)
+        return delay
+
+    def decide(self, event: str, attempts_before: int, reason: str | None, now: float,
+               retry_after: float | None = None, wait_until: float | None = None) -> EventOutcome:
+        """``event`` is ``done``, a Verdict's ``retry``/``dead``/``wait``; attempts are counted here only."""
+        if event == "wait":
+            return EventOutcome("pending", 0, max(now, wait_until or now), reason)
+        attempts = attempts_before + 1
+        if event == "done":
+            return EventOutcome("done", 1, None, None)
+        if event == "dead":
+            return EventOutcome("dead", 1, None, reason)
+        if attempts >= self.max_attempts:
+            return EventOutcome("dead", 1, None, f"gave up after {attempts} attempts: {reason}")
+        return EventOutcome("pending", 1, now + self.retry_delay(attempts, retry_after), reason)
+
+
 class ApiHealth:
     """Whether the Noyo API as a whole is usable, and when to try it again.
 
-    Several failures in a row across different objects mean the API, not an
-    object, is the problem: then nothing is dispatched until a pause ends,
-    and after it a single probe decides. The first success resumes full speed.
+    Failures that FAILURE_POLICY says count (``failing``) from several
+    different objects in a row mean the API, not an object, is the problem:
+    then nothing is dispatched until a pause ends, and after it a single
+    probe decides. The first answer resumes full speed. ``state`` is the one
+    place to read the API's state: ``healthy``, ``backing_off`` or
+    ``auth_failed``.
     """
 
-    FAILURES_BEFORE_PAUSE = 3
+    STATES = ("healthy", "backing_off", "auth_failed")
+    FAILURES_BEFORE_PAUSE = 3  # different objects failing in a row
     LOG_EVERY = 30.0
     # Probe at least once a minute, whatever backoff_max says: a down API then
     # sees a request a minute, and a recovered one is used within a minute.
@@ -1950,77 +2725,353 @@ class ApiHealth:
     def __init__(self, backoff_initial: float, backoff_max: float) -> None:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.longest_pause = min(backoff_max, self.MAX_PROBE_INTERVAL)
         self.lock = threading.Lock()
-        self.state = "healthy"  # healthy | backing_off | auth_failed
-        self.consecutive_failures = 0
+        self.state = "healthy"
+        self.failing_objects: set = set()  # objects that failed since the last answer
         self.pause = 0.0
         self.paused_until = 0.0
         self.last_error = ""
         self._last_log = 0.0
         self.changed = False  # set when `status` should learn the new state
 
+    @property
+    def consecutive_failures(self) -> int:
+        return len(self.failing_objects)
+
     def probing(self) -> bool:
         return self.state != "healthy"
 
     def success(self) -> None:
+        """The API answered (whatever it said about the object)."""
         with self.lock:
             if self.state != "healthy":
-                logger.info("noyo api recovered state=healthy after_failures=%d", self.consecutive_failures)
+                logger.info("noyo api recovered state=healthy after_failures=%d", len(self.failing_objects))
                 self.changed = True
-            self.state, self.consecutive_failures, self.pause, self.paused_until = "healthy", 0, 0.0, 0.0
+            self.state, self.pause, self.paused_until = "healthy", 0.0, 0.0
+            self.failing_objects.clear()
 
-    def failure(self, error: FetchError) -> None:
+    def record(self, error: FetchError, key: Any) -> None:
+        """Account one failed exchange about object ``key`` as FAILURE_POLICY says."""
+        verdict = FailurePolicy.classify(error).api
+        if verdict == "answered":
+            self.success()
+        elif verdict == "auth_failed":
+            self._credentials_refused(error)
+        else:
+            self._failure(error, key)
+
+    def _credentials_refused(self, error: FetchError) -> None:
         now = time.time()
         with self.lock:
             self.last_error = str(error)
-            if error.kind == "auth":
-                self.state = "auth_failed"
-                self.paused_until = now + self.backoff_max
+            self.paused_until = now + self.longest_pause
+            if self.state != "auth_failed":
                 self.changed = True
-                logger.error("noyo api refused our credentials; fetching paused until %s. Fix [noyo_api] client_id/"
-                             "client_secret (or NOYO_CLIENT_ID/NOYO_CLIENT_SECRET) and restart. error=%s",
+                self._last_log = 0.0
+            self.state = "auth_failed"
+            if now - self._last_log >= self.LOG_EVERY:
+                self._last_log = now
+                logger.error("noyo api refused our credentials; fetching paused until %s (then a probe). "
+                             "Fix [noyo_api] client_id/client_secret (or NOYO_CLIENT_ID/NOYO_CLIENT_SECRET) "
+                             "and restart. error=%s",
                              utc_iso(self.paused_until), error)
+
+    def _failure(self, error: FetchError, key: Any) -> None:
+        now = time.time()
+        with self.lock:
+            self.last_error = str(error)
+            if len(self.failing_objects) < 64:  # enough to count "different objects"; bounded in a long outage
+                self.failing_objects.add(key)
+            retry_after = error.retry_after if error.retry_after and math.isfinite(error.retry_after) else 0.0
+            if len(self.failing_objects) < self.FAILURES_BEFORE_PAUSE and not retry_after:
                 return
-            self.consecutive_failures += 1
-            retry_after = error.retry_after or 0.0
-            if self.consecutive_failures < self.FAILURES_BEFORE_PAUSE and not retry_after:
-                return
-            if self.consecutive_failures >= self.FAILURES_BEFORE_PAUSE:
-                ceiling = min(self.backoff_max, self.MAX_PROBE_INTERVAL)
-                self.pause = min(ceiling, max(self.backoff_initial, self.pause * 2))
-            wait = max(retry_after, self.pause / 2 + random.uniform(0, self.pause / 2))
+            if len(self.failing_objects) >= self.FAILURES_BEFORE_PAUSE:
+                self.pause = min(self.longest_pause, max(self.backoff_initial, self.pause * 2))
+            wait = max(min(retry_after, self.longest_pause), self.pause / 2 + random.uniform(0, self.pause / 2))
             self.paused_until = max(self.paused_until, now + wait)
-            if self.state != "backing_off":
+            if self.state == "healthy":
                 self.changed = True
-            self.state = "backing_off"
+                self.state = "backing_off"
             if now - self._last_log >= self.LOG_EVERY:
                 self._last_log = now
                 logger.warning("noyo api failing; backing off until %s consecutive_errors=%d error=%s",
-                               utc_iso(self.paused_until), self.consecutive_failures, error)
+                               utc_iso(self.paused_until), len(self.failing_objects), error)
 
     def snapshot(self) -> dict:
         with self.lock:
             return {"state": self.state, "until": utc_iso(self.paused_until) if self.state != "healthy" else None,
-                    "consecutive_failures": self.consecutive_failures, "last_error": self.last_error or None}
+                    "consecutive_failures": len(self.failing_objects), "last_error": self.last_error or None}
+
+
+class _OncePer:
+    """Log a repeating failure once per cause and ``seconds``."""
+
+    def __init__(self, seconds: float = 30.0) -> None:
+        self.seconds = seconds
+        self._last: dict[str, float] = {}
+
+    def due(self, cause: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(cause, float("-inf")) < self.seconds:
+            return False
+        if len(self._last) > 100:
+            self._last.clear()  # bounded, whatever the causes
+        self._last[cause] = now
+        return True
+
+
+# --- Worker: recording outcomes ---
+
+
+class OutcomeRecorder:
+    """Writes what became of each claim, and frees the claim once committed.
+
+    A fetch thread hands its outcome to the writer and goes on to its next
+    GET; the recorder thread waits for each commit and only then releases the
+    object for new claims (and logs it), so an fsync never delays a GET.
+    """
+
+    _SETTLE = ("UPDATE events SET status = ?, attempts = attempts + ?, next_attempt_at = ?, last_error = ?, "
+               "processed_at = ?, lease_until = NULL WHERE event_id = ? AND status = 'pending'")
+
+    def __init__(self, store: Store, release: Callable[[_Claim], None]) -> None:
+        self.store = store
+        self.release = release
+        self._outcomes: queue.SimpleQueue = queue.SimpleQueue()  # (write job, claim, log line) to see committed
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="noyo-recorder", daemon=True)
+        self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._outcomes.put(_STOP)  # after every outcome the fetchers handed over
+            self._thread.join(timeout)
+
+    @classmethod
+    def settle_rows(cls, conn: sqlite3.Connection, rows: list[tuple[str, EventOutcome]]) -> None:
+        """Write each (event_id, outcome) to its events row."""
+        stamp = utc_iso()
+        conn.executemany(cls._SETTLE, [
+            (o.status, o.spent, utc_iso(o.due) if o.due is not None else None, o.last_error,
+             stamp if o.status != "pending" else None, event_id) for event_id, o in rows])
+
+    def fetched(self, claim: _Claim, obj: dict, outcome: EventOutcome, started: float) -> bool:
+        """The object arrived: store it and mark its events done."""
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        event_ids = [event_id for event_id, _ in claim.events]
+        fetched_at = utc_iso()
+
+        def record(conn: sqlite3.Connection) -> None:
+            apply_object(conn, claim.kind, obj, body, event_ids, fetched_at, source="fetch")
+            self.settle_rows(conn, [(event_id, outcome) for event_id in event_ids])
+            set_meta(conn, "last_fetch_ok_at", fetched_at)
+
+        return self.submit(claim, record, (
+            logging.INFO, "object fetched kind=%s id=%s events=%d ms=%.1f", log_value(claim.kind),
+            log_value(claim.data_id), len(event_ids), (time.monotonic() - started) * 1000))
+
+    def failed(self, claim: _Claim, error: FetchError, rows: list[tuple[str, EventOutcome]]) -> bool:
+        dead = sum(1 for _, o in rows if o.status == "dead")
+        return self.submit(claim, lambda conn: self.settle_rows(conn, rows), (
+            logging.ERROR if dead else logging.WARNING, "fetch failed kind=%s id=%s events=%d dead=%d error=%s",
+            log_value(claim.kind), log_value(claim.data_id), len(rows), dead, f"{error.kind}: {error}"))
+
+    def given_back(self, claim: _Claim, rows: list[tuple[str, EventOutcome]]) -> bool:
+        return self.submit(claim, lambda conn: self.settle_rows(conn, rows))
+
+    def submit(self, claim: _Claim, fn: Callable[[sqlite3.Connection], None], line: tuple | None = None) -> bool:
+        """Queue an outcome for the writer; the recorder frees ``claim`` and
+        logs ``line`` once it is committed. False if it could not be queued."""
+        try:
+            job = self.store.submit(fn)
+        except StoreError as exc:
+            logger.error("worker cannot record a fetch outcome error=%s", exc)
+            return False
+        self._outcomes.put((job, claim, line))
+        return True
+
+    def _run(self) -> None:
+        while True:
+            item = self._outcomes.get()
+            if item is _STOP:
+                return
+            job, claim, line = item
+            try:
+                self.store.result_of(job)
+                if line:
+                    logger.log(*line)
+            except StoreError as exc:
+                # The lease returns these events; they are fetched again later.
+                logger.error("worker cannot record a fetch outcome error=%s", exc)
+            except Exception:  # noqa: BLE001 - the recorder must outlive one bad line
+                logger.exception("worker recorder failed kind=%s id=%s",
+                                 log_value(claim.kind), log_value(claim.data_id))
+            finally:
+                self.release(claim)
+
+
+# --- Worker: fetching ---
+
+
+class InFlight:
+    """The objects claimed and not yet settled: the scheduler skips them, the
+    health check measures how long the oldest has been in flight."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: dict[tuple[str, str | None], float] = {}  # key -> monotonic claim or fetch start
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+    def keys(self) -> set:
+        with self._lock:
+            return set(self._since)
+
+    def add(self, keys: Iterable[tuple[str, str | None]]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._since.update((key, now) for key in keys)
+
+    def started(self, key: tuple[str, str | None]) -> None:
+        """Its GET starts now (a queued claim waited behind another fetch)."""
+        with self._lock:
+            self._since[key] = time.monotonic()
+
+    def remove(self, key: tuple[str, str | None]) -> None:
+        with self._lock:
+            self._since.pop(key, None)
+
+    def oldest_age(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            return now - min(self._since.values(), default=now)
+
+
+class Fetchers:
+    """``concurrency`` threads; each takes a claim, GETs its object, asks the
+    failure policy what a failure means, and hands the outcome to the
+    recorder. A claim whose turn comes while the API is paused is given back
+    unfetched (only the scheduler's probe may ask)."""
+
+    def __init__(self, client: NoyoClient | None, policy: FailurePolicy, health: ApiHealth,
+                 recorder: OutcomeRecorder, inflight: InFlight, release: Callable[[_Claim], None]) -> None:
+        self.client = client
+        self.policy = policy
+        self.health = health
+        self.recorder = recorder
+        self.inflight = inflight
+        self.release = release
+        self.stopping = threading.Event()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._errors = _OncePer(30.0)
+
+    def start(self, count: int) -> None:
+        for number in range(count):
+            thread = threading.Thread(target=self._run, name=f"noyo-fetch-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def hand_out(self, claim: _Claim, url: str) -> None:
+        self._tasks.put((claim, url))
+
+    def stop(self, deadline: float) -> int:
+        """Stop taking claims; how many threads were still busy at ``deadline``."""
+        self.stopping.set()
+        for _ in self._threads:
+            self._tasks.put(_STOP)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return sum(thread.is_alive() for thread in self._threads)
+
+    def _run(self) -> None:
+        while True:
+            item = self._tasks.get()
+            if item is _STOP:
+                return
+            claim, url = item
+            if self.stopping.is_set():
+                continue  # a queued claim: its lease returns it at the next start
+            handed_over = False
+            try:
+                if self.health.probing() and not claim.probe:
+                    handed_over = self._give_back(claim)
+                    continue
+                self.inflight.started(claim.key)
+                handed_over = self._fetch(claim, url)
+            except Exception as exc:  # noqa: BLE001 - one bad object must not stop the fetcher
+                if self._errors.due(f"fetch {exc.__class__.__name__}"):
+                    logger.exception("worker failed on an object kind=%s id=%s",
+                                     log_value(claim.kind), log_value(claim.data_id))
+            finally:
+                if not handed_over:
+                    self.release(claim)
+
+    def _fetch(self, claim: _Claim, url: str) -> bool:
+        """GET the object and hand the outcome to the recorder; True once handed over."""
+        assert self.client is not None and claim.data_id is not None
+        started = time.monotonic()
+        try:
+            obj = self.client.fetch(url, claim.data_id)
+        except FetchError as error:
+            self.health.record(error, claim.key)
+            return self._failed(claim, error)
+        self.health.success()
+        return self.recorder.fetched(claim, obj, self.policy.decide("done", 0, None, time.time()), started)
+
+    def _failed(self, claim: _Claim, error: FetchError) -> bool:
+        verdict = self.policy.classify(error)
+        now = time.time()
+        reason = f"{error.kind}: {error}"
+        rows = [(event_id, self.policy.decide(verdict.event, attempts, reason, now, error.retry_after,
+                                              self.health.paused_until)) for event_id, attempts in claim.events]
+        return self.recorder.failed(claim, error, rows)
+
+    def _give_back(self, claim: _Claim) -> bool:
+        """Not fetched, its attempt not spent, due again when the pause ends."""
+        now = time.time()
+        reason = f"not fetched yet: the API is paused ({self.health.last_error})"
+        rows = [(event_id, self.policy.decide("wait", attempts, reason, now, wait_until=self.health.paused_until))
+                for event_id, attempts in claim.events]
+        return self.recorder.given_back(claim, rows)
+
+
+# --- Worker: scheduling ---
 
 
 class Worker:
     """Drains the inbox: fetches each referenced object and records its state.
 
-    One scheduler thread picks due events, groups those that point at the
-    same object (one GET serves them all), claims them with a lease and hands
-    them to ``concurrency`` fetch threads. It keeps one claimed object queued
-    per fetch thread, so a thread that finishes starts its next GET at once
-    instead of waiting for a scheduler cycle (a read and a commit): one cycle
-    per finished fetch capped the drain at about 60% of concurrency / latency.
-    A fetch thread hands its outcome to the writer and goes on to its next
-    GET; a recorder thread waits for each commit and only then frees the
-    object for new claims (and logs it), so an fsync never delays a GET.
-    It sleeps until it is woken (a new event, a finished fetch) or the next
-    event is due.
+    Its pieces, each readable alone: the scheduling (this class: one thread
+    picks due events, groups those that point at the same object so one GET
+    serves them all, claims them with a lease and hands them out), the
+    fetching (Fetchers), the recording of outcomes (OutcomeRecorder), the
+    failure policy (FAILURE_POLICY, FailurePolicy) and the API-wide pause
+    (ApiHealth).
+
+    It keeps one claimed object queued per fetch thread, so a thread that
+    finishes starts its next GET at once instead of waiting for a scheduler
+    cycle (a read and a commit): one cycle per finished fetch capped the
+    drain at about 60% of concurrency / latency. It sleeps until it is woken
+    (a new event, a finished fetch), the next event is due, or another
+    process committed (a `requeue`).
     """
 
-    MAX_SLEEP = 30.0  # also bounds how long a `requeue` from the CLI waits
+    MAX_SLEEP = 30.0
+    # How often the scheduler looks for commits by other processes (`requeue`):
+    # one PRAGMA data_version per look.
+    REQUEUE_POLL = 1.0
     # Due rows read per look: a wide window is what lets a burst's events for
     # one object share a GET even when other objects' events sit between them
     # (bench: 0.33 fetches per event; a 100-row window gave 1.00).
@@ -2032,6 +3083,7 @@ class Worker:
         self.client = client
         worker = settings["worker"]
         self.concurrency = worker["concurrency"]
+        self.policy = FailurePolicy(worker["max_attempts"], worker["backoff_initial"], worker["backoff_max"])
         self.max_attempts = worker["max_attempts"]
         self.backoff_initial = worker["backoff_initial"]
         self.backoff_max = worker["backoff_max"]
@@ -2041,40 +3093,47 @@ class Worker:
         # it may wait behind one other fetch before its own starts.
         self.lease = 2 * self.fetch_deadline + 30
         self.health = ApiHealth(self.backoff_initial, self.backoff_max)
+        self.inflight = InFlight()
+        self.capacity = 2 * self.concurrency  # claims fetching or queued for a fetch thread
+        self.recorder = OutcomeRecorder(store, self._release)
+        self.fetchers = Fetchers(client, self.policy, self.health, self.recorder, self.inflight, self._release)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._inflight: dict[tuple[str, str | None], float] = {}  # claimed key -> monotonic claim or start
-        self.capacity = 2 * self.concurrency  # claims fetching or queued for a fetch thread
-        self._inflight_lock = threading.Lock()
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self._outcomes: queue.SimpleQueue = queue.SimpleQueue()  # (write job, claim, log line) to see committed
-        self._recorder: threading.Thread | None = None
         self._thread: threading.Thread | None = None
-        self._fetchers: list[threading.Thread] = []
+        self._errors = _OncePer(30.0)
         self.last_progress = time.monotonic()
+
+    def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """See FailurePolicy.retry_delay."""
+        return self.policy.retry_delay(attempts, retry_after)
 
     # Lifecycle
 
     def start(self) -> None:
-        """Return leases a previous process left behind, then start the threads."""
-        now_iso = utc_iso()
-        returned = self.store.write(lambda conn: conn.execute(
-            "UPDATE events SET next_attempt_at = ?, lease_until = NULL "
-            "WHERE status = 'pending' AND lease_until IS NOT NULL", (now_iso,)).rowcount)
-        if returned:
-            logger.info("worker took back events leased by a previous run count=%d", returned)
+        """Settle what a previous process left in flight, then start the threads."""
+        self.store.write(self._settle_abandoned_leases)
         if self.client is None:
             logger.warning("fetching is off: set [noyo_api] client_id and client_secret (or NOYO_CLIENT_ID and "
                            "NOYO_CLIENT_SECRET) to fetch objects; events are stored and wait as pending")
         self._publish_state(force=True)
         self._thread = threading.Thread(target=self._run, name="noyo-worker", daemon=True)
         self._thread.start()
-        self._recorder = threading.Thread(target=self._record_loop, name="noyo-recorder", daemon=True)
-        self._recorder.start()
-        for number in range(self.concurrency):
-            fetcher = threading.Thread(target=self._fetch_loop, name=f"noyo-fetch-{number}", daemon=True)
-            fetcher.start()
-            self._fetchers.append(fetcher)
+        self.recorder.start()
+        self.fetchers.start(self.concurrency)
+
+    def _settle_abandoned_leases(self, conn: sqlite3.Connection) -> None:
+        """Events still leased were in flight when a previous process stopped:
+        that attempt counts (so a crash loop cannot fetch an object forever)."""
+        now = time.time()
+        rows = [(event_id, self.policy.decide("retry", attempts, STOPPED_DURING_FETCH, now))
+                for event_id, attempts in conn.execute(
+                    "SELECT event_id, attempts FROM events WHERE status = 'pending' AND lease_until IS NOT NULL")]
+        # Due now, not after a backoff: the stop was ours, not the API's.
+        rows = [(event_id, dataclasses.replace(o, due=now) if o.status == "pending" else o) for event_id, o in rows]
+        OutcomeRecorder.settle_rows(conn, rows)
+        dead = sum(1 for _, o in rows if o.status == "dead")
+        if rows:
+            logger.info("worker took back events leased by a previous run count=%d dead=%d", len(rows), dead)
 
     def wake(self) -> None:
         """Something changed (a new event, a finished fetch): look again now."""
@@ -2085,62 +3144,77 @@ class Worker:
         now. With fetching off or every slot busy, a finishing fetch (or the
         next timer) looks at the inbox anyway; waking per event would cost a
         scheduler cycle per request during a burst."""
-        if self.client is not None and len(self._inflight) < self.capacity and not self._wake.is_set():
+        if self.client is not None and len(self.inflight) < self.capacity and not self._wake.is_set():
             self._wake.set()
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def stalled(self) -> str | None:
-        """Why the worker is not making progress, or None (for /healthz and the watchdog)."""
+        """Why the worker is not making progress, or None (for /healthz and the watchdog).
+
+        Only the listener's own faults count: a dead thread, a loop that
+        stopped turning, a fetch past its own deadline. A failing API is not
+        one (its fetches end within their timeout, and the loop keeps turning).
+        """
         if not self.alive():
             return "worker thread is not running"
-        if self._recorder is not None and not self._recorder.is_alive():
+        if self.recorder.started and not self.recorder.alive():
             return "worker recorder thread is not running"
-        now = time.monotonic()
-        idle = now - self.last_progress
+        idle = time.monotonic() - self.last_progress
         if idle > self.MAX_SLEEP + 30:
             return f"worker loop has not run for {idle:.0f}s"
-        with self._inflight_lock:
-            oldest = min(self._inflight.values(), default=now)
-        if now - oldest > self.fetch_deadline + 30:
-            return f"a fetch has been in flight for {now - oldest:.0f}s"
+        oldest = self.inflight.oldest_age()
+        if oldest > self.fetch_deadline + 30:
+            return f"a fetch has been in flight for {oldest:.0f}s"
         return None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop dispatching; fetches in flight are abandoned (their leases return them)."""
         self._stop.set()
         self._wake.set()
-        for _ in self._fetchers:
-            self._tasks.put(_STOP)
+        deadline = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
-        deadline = time.monotonic() + timeout
-        for fetcher in self._fetchers:
-            fetcher.join(max(0.0, deadline - time.monotonic()))
-        busy = sum(f.is_alive() for f in self._fetchers)
+        busy = self.fetchers.stop(deadline)
         if busy:
             logger.warning("worker stopped with fetches in flight count=%d; they are fetched again at next start", busy)
-        if self._recorder is not None:
-            self._outcomes.put(_STOP)  # after every outcome the fetchers handed over
-            self._recorder.join(max(0.0, deadline - time.monotonic()))
+        self.recorder.stop(max(0.0, deadline - time.monotonic()))
+
+    def _release(self, claim: _Claim) -> None:
+        """The object may be claimed again (its outcome is on disk, or there is none)."""
+        self.inflight.remove(claim.key)
+        self.wake()
 
     # Scheduling
 
     def _run(self) -> None:
-        conn = self.store.read()
-        try:
-            while not self._stop.is_set():
-                self._wake.clear()
-                self.last_progress = time.monotonic()
-                try:
+        conn: sqlite3.Connection | None = None
+        seen_version = None
+        delay = 0.0
+        while not self._stop.is_set():
+            self.last_progress = time.monotonic()
+            try:
+                if conn is None:
+                    conn = self.store.read()
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if self._wake.is_set() or version != seen_version or delay <= 0:
+                    self._wake.clear()
+                    seen_version = version
                     delay = self._dispatch(conn)
-                except (StoreError, sqlite3.Error) as exc:
-                    logger.error("worker cannot read or claim events error=%s", exc)
-                    delay = self.backoff_initial
                 self._publish_state()
-                self._wake.wait(min(self.MAX_SLEEP, delay))
-        finally:
+            except Exception as exc:  # noqa: BLE001 - nothing may stop the scheduler
+                cause = f"{exc.__class__.__name__}: {exc}"
+                if self._errors.due(cause):
+                    logger.error("worker scheduler failed; trying again error=%s", json.dumps(cause[:300]))
+                if isinstance(exc, sqlite3.Error) and conn is not None:
+                    conn.close()
+                    conn = None
+                delay = self.backoff_initial
+            started = time.monotonic()
+            self._wake.wait(min(self.REQUEUE_POLL, max(0.0, delay)))
+            delay -= time.monotonic() - started
+        if conn is not None:
             conn.close()
 
     def _dispatch(self, conn: sqlite3.Connection) -> float:
@@ -2150,8 +3224,7 @@ class Worker:
             return self.MAX_SLEEP
         if self.health.probing() and now < self.health.paused_until:
             return self.health.paused_until - now
-        with self._inflight_lock:
-            busy = set(self._inflight)
+        busy = self.inflight.keys()
         slots = (1 if self.health.probing() else self.capacity) - len(busy)
         if slots <= 0:
             return self.MAX_SLEEP  # a finishing fetch wakes us
@@ -2169,7 +3242,7 @@ class Worker:
                 if len(claims) >= slots:
                     continue
                 claim = claims[key] = _Claim(key[0], data_id, [], probe=self.health.probing())
-            claim.events.append((event_id, attempts + 1))
+            claim.events.append((event_id, attempts))
         if claims:
             self._claim_and_hand_out(list(claims.values()), now)
         row = conn.execute("SELECT MIN(next_attempt_at) FROM events WHERE status = 'pending' "
@@ -2188,147 +3261,18 @@ class Worker:
         leased = [(lease_iso, lease_iso, event_id) for claim, _ in fetchable for event_id, _ in claim.events]
 
         def claim_rows(conn: sqlite3.Connection) -> None:
-            conn.executemany("UPDATE events SET attempts = attempts + 1, lease_until = ?, next_attempt_at = ? "
+            # The attempt is counted when its outcome is known (OutcomeRecorder),
+            # or at the next start if this process stops meanwhile.
+            conn.executemany("UPDATE events SET lease_until = ?, next_attempt_at = ? "
                              "WHERE event_id = ? AND status = 'pending'", leased)
             # The kind lost its [fetch] entry (or the event its id) since it was stored.
             conn.executemany("UPDATE events SET status = ?, last_error = ?, processed_at = ?, "
                              "next_attempt_at = NULL WHERE event_id = ?", settled)
 
         self.store.write(claim_rows)
-        with self._inflight_lock:
-            started = time.monotonic()
-            self._inflight.update((claim.key, started) for claim, _ in fetchable)
+        self.inflight.add(claim.key for claim, _ in fetchable)
         for claim, url in fetchable:
-            self._tasks.put((claim, url))
-
-    # Fetching
-
-    def _fetch_loop(self) -> None:
-        while True:
-            item = self._tasks.get()
-            if item is _STOP:
-                return
-            claim, url = item
-            if self._stop.is_set():
-                continue  # a queued claim: its lease returns it at the next start
-            handed_over = False
-            try:
-                if self.health.probing() and not claim.probe:
-                    handed_over = self._give_back(claim)
-                    continue
-                with self._inflight_lock:
-                    self._inflight[claim.key] = time.monotonic()  # what stalled() measures
-                handed_over = self._fetch_and_record(claim, url)
-            except Exception:  # noqa: BLE001 - one bad object must not stop the fetcher
-                logger.exception("worker failed on an object kind=%s id=%s", claim.kind, claim.data_id)
-            finally:
-                if not handed_over:
-                    self._release(claim)
-
-    def _release(self, claim: _Claim) -> None:
-        """The object may be claimed again (its outcome is on disk, or there is none)."""
-        with self._inflight_lock:
-            self._inflight.pop(claim.key, None)
-        self.wake()
-
-    def _record_loop(self) -> None:
-        while True:
-            item = self._outcomes.get()
-            if item is _STOP:
-                return
-            job, claim, line = item
-            try:
-                self.store.result_of(job)
-                if line:
-                    logger.log(*line)
-            except StoreError as exc:
-                # The lease returns these events; they are fetched again later.
-                logger.error("worker cannot record a fetch outcome error=%s", exc)
-            except Exception:  # noqa: BLE001 - the recorder must outlive one bad line
-                logger.exception("worker recorder failed kind=%s id=%s", claim.kind, claim.data_id)
-            finally:
-                self._release(claim)
-
-    def _fetch_and_record(self, claim: _Claim, url: str) -> bool:
-        """GET the object and hand the outcome to the writer; True once handed over."""
-        assert self.client is not None and claim.data_id is not None
-        started = time.monotonic()
-        try:
-            obj = self.client.fetch(url, claim.data_id)
-        except FetchError as error:
-            if error.kind == "not_found":
-                self.health.success()  # the API answered; this object is just not there (yet)
-            else:
-                self.health.failure(error)
-            return self._record_failure(claim, error)
-        self.health.success()
-        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-        event_ids = [event_id for event_id, _ in claim.events]
-        fetched_at = utc_iso()
-
-        def record(conn: sqlite3.Connection) -> None:
-            if claim.kind == "difference":
-                apply_difference(conn, obj, body, event_ids, fetched_at)
-            else:
-                apply_resource(conn, claim.kind, obj, body, fetched_at)
-            conn.executemany("UPDATE events SET status = 'done', processed_at = ?, lease_until = NULL, "
-                             "next_attempt_at = NULL, last_error = NULL WHERE event_id = ? AND status = 'pending'",
-                             [(fetched_at, event_id) for event_id in event_ids])
-            set_meta(conn, "last_fetch_ok_at", fetched_at)
-
-        return self._write_outcome(claim, record, (
-            logging.INFO, "object fetched kind=%s id=%s events=%d ms=%.1f", claim.kind, claim.data_id,
-            len(event_ids), (time.monotonic() - started) * 1000))
-
-    def _give_back(self, claim: _Claim) -> bool:
-        """A queued claim whose turn came after the API started failing: not
-        fetched (only the probe may ask), its attempt not spent, due again
-        when the pause ends."""
-        due = utc_iso(max(self.health.paused_until, time.time()))
-        rows = [(attempts - 1, due, event_id) for event_id, attempts in claim.events]
-        return self._write_outcome(claim, lambda conn: conn.executemany(
-            "UPDATE events SET attempts = ?, next_attempt_at = ?, lease_until = NULL "
-            "WHERE event_id = ? AND status = 'pending'", rows))
-
-    def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
-        """Exponential backoff with full jitter, at least ``Retry-After``."""
-        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(attempts - 1, 60))
-        return max(retry_after or 0.0, random.uniform(0, ceiling))
-
-    def _record_failure(self, claim: _Claim, error: FetchError) -> bool:
-        now = time.time()
-        message = f"{error.kind}: {error}"
-        updates = []
-        for event_id, attempts in claim.events:
-            if error.kind == "auth":
-                # Our credentials, not this event, are at fault: give the attempt back.
-                updates.append(("pending", attempts - 1, utc_iso(self.health.paused_until), message, event_id))
-            elif attempts >= self.max_attempts:
-                updates.append(("dead", attempts, None, f"gave up after {attempts} attempts: {message}", event_id))
-            else:
-                due = utc_iso(now + self.retry_delay(attempts, error.retry_after))
-                updates.append(("pending", attempts, due, message, event_id))
-
-        def record(conn: sqlite3.Connection) -> None:
-            conn.executemany("UPDATE events SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
-                             "lease_until = NULL WHERE event_id = ? AND status = 'pending'", updates)
-
-        dead = sum(1 for u in updates if u[0] == "dead")
-        return self._write_outcome(claim, record, (
-            logging.ERROR if dead else logging.WARNING, "fetch failed kind=%s id=%s events=%d dead=%d error=%s",
-            claim.kind, claim.data_id, len(updates), dead, message))
-
-    def _write_outcome(self, claim: _Claim, fn: Callable[[sqlite3.Connection], None],
-                       line: tuple | None = None) -> bool:
-        """Queue a fetch's outcome for the writer; the recorder frees ``claim``
-        and logs ``line`` once it is committed. False if it could not be queued."""
-        try:
-            job = self.store.submit(fn)
-        except StoreError as exc:
-            logger.error("worker cannot record a fetch outcome error=%s", exc)
-            return False
-        self._outcomes.put((job, claim, line))
-        return True
+            self.fetchers.hand_out(claim, url)
 
     def _publish_state(self, force: bool = False) -> None:
         """Tell `status` (another process) what the API state is."""
@@ -2337,9 +3281,282 @@ class Worker:
         self.health.changed = False
         snapshot = self.health.snapshot() if self.client else {"state": "fetching_off", "until": None}
         try:
-            self.store.write(lambda conn: set_meta(conn, "api_state", json.dumps(snapshot)))
+            record_daemon_view(self.store, fetching=self.client is not None, api=snapshot)
         except StoreError as exc:
             logger.warning("cannot record api state error=%s", exc)
+
+
+# --- Worker: reconciliation ---
+
+
+class SyncError(Exception):
+    """A reconciliation pass could not complete; the message is one line for the operator."""
+
+
+SYNC_COUNTS = ("pages", "seen", "new", "updated", "unchanged", "skipped")
+INTERRUPTED_PASS = "interrupted: the process stopped during the pass"
+
+
+def parse_list_page(data: Any) -> tuple[list, int | None]:
+    """The items and ``meta.total_records`` of one page of a Noyo list."""
+    if not isinstance(data, dict) or not isinstance(data.get("response"), list):
+        raise FetchError("not_object", "list answer has no \"response\" list; check the [lists] URL")
+    meta = data.get("meta")
+    total = meta.get("total_records") if isinstance(meta, dict) else None
+    if isinstance(total, bool) or not isinstance(total, int):
+        total = None
+    return data["response"], total
+
+
+class RateLimit:
+    """At most ``rate`` calls of ``wait`` return per second (spaced, not bursty)."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self._next = 0.0
+
+    def wait(self, stop: threading.Event) -> bool:
+        """Sleep until the next request may go; False if ``stop`` was set meanwhile."""
+        delay = self._next - time.monotonic()
+        if delay > 0 and stop.wait(delay):
+            return False
+        self._next = max(time.monotonic(), self._next) + self.interval
+        return not stop.is_set()
+
+
+class SyncPass:
+    """One reconciliation pass over one [lists] kind.
+
+    Walks Noyo's list page by page at most ``[sync] rate`` requests a second
+    and applies each item exactly as a fetched object (apply_object: the same
+    newer-wins rule and state derivation). Each page commits in its own short
+    transaction through the store's writer, together with the pass's counts,
+    so a running `serve` keeps acknowledging and a crash keeps what was
+    applied. A failed list request means what FAILURE_POLICY says, with the
+    same ApiHealth pause as fetches; past ``max_attempts`` the pass fails.
+    """
+
+    def __init__(self, settings: Settings, store: Store, client: NoyoClient, kind: str,
+                 health: ApiHealth | None = None, stop: threading.Event | None = None) -> None:
+        worker = settings["worker"]
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.kind = kind
+        self.page_size = settings["sync"]["page_size"]
+        self.limit = RateLimit(settings["sync"]["rate"])
+        self.policy = FailurePolicy(worker["max_attempts"], worker["backoff_initial"], worker["backoff_max"])
+        self.health = health or ApiHealth(worker["backoff_initial"], worker["backoff_max"])
+        self.stop = stop or threading.Event()
+        self.counts = dict.fromkeys(SYNC_COUNTS, 0)
+        self.requests = 0
+        self.seconds = 0.0
+        self.sync_id: int | None = None
+
+    def summary(self) -> str:
+        """The line `sync` prints."""
+        counts = " ".join(f"{name}={self.counts[name]}" for name in SYNC_COUNTS)
+        return f"sync kind={self.kind} {counts} seconds={self.seconds:.1f}"
+
+    def run(self) -> dict[str, int]:
+        """Run the pass to the end; its counts. Raises SyncError when it cannot complete."""
+        started = time.monotonic()
+        self.sync_id = self.store.write(lambda conn: conn.execute(
+            "INSERT INTO syncs (kind, started_at, status) VALUES (?, ?, 'running')", (self.kind, utc_iso())).lastrowid)
+        logger.info("sync pass started kind=%s id=%d page_size=%d", self.kind, self.sync_id, self.page_size)
+        committing: _WriteJob | None = None
+        try:
+            offset = 0
+            while True:
+                items, total = self._get_page(offset)
+                # The previous page committed while this one was on the wire.
+                self._count(committing)
+                fetched_at = utc_iso()
+                committing = self.store.submit(
+                    lambda conn, items=items, at=fetched_at: self._apply_page(conn, items, at))
+                offset += len(items)
+                # Offset drift: an item added meanwhile shifts the pages; the next pass or a webhook covers it.
+                if len(items) < self.page_size or (total is not None and offset >= total):
+                    break
+            self._count(committing)
+        except BaseException as exc:
+            self.seconds = time.monotonic() - started
+            if committing is not None and not isinstance(exc, StoreError):
+                try:
+                    self._count(committing)  # what was applied stays applied, and counted
+                except StoreError:
+                    pass
+            error = str(exc) if isinstance(exc, SyncError) else f"{exc.__class__.__name__}: {exc}"
+            if isinstance(exc, KeyboardInterrupt):
+                error = "interrupted"
+            self._finish("failed", error)
+            logger.error("sync pass failed kind=%s id=%d pages=%d seen=%d error=%s", self.kind, self.sync_id,
+                         self.counts["pages"], self.counts["seen"], json.dumps(error))
+            if isinstance(exc, (SyncError, KeyboardInterrupt)):
+                raise
+            raise SyncError(f"sync of {self.kind} failed: {error}") from exc
+        self.seconds = time.monotonic() - started
+        self._finish("done", None)
+        counts = " ".join(f"{name}={self.counts[name]}" for name in SYNC_COUNTS)
+        logger.info("sync pass done kind=%s id=%d %s requests=%d seconds=%.1f", self.kind, self.sync_id, counts,
+                    self.requests, self.seconds)
+        if self.counts["new"]:
+            logger.warning("sync found %d %s object(s) no webhook announced: webhooks were missed (Noyo gave up "
+                           "retrying, a subscription was paused, or the listener was unreachable); they are stored "
+                           "now. kind=%s id=%d", self.counts["new"], self.kind, self.kind, self.sync_id)
+        return dict(self.counts)
+
+    def _count(self, job: _WriteJob | None) -> None:
+        """Wait for a page's commit and add its counts (StoreError if it failed)."""
+        if job is not None:
+            for name, value in self.store.result_of(job).items():
+                self.counts[name] += value
+
+    def _get_page(self, offset: int) -> tuple[list, int | None]:
+        """One page, with the fetch failure policy: retries, the API pause, max_attempts."""
+        assert self.sync_id is not None
+        url = self.settings.list_url(self.kind, self.page_size, offset)
+        if url is None:
+            raise SyncError(f"no [lists] entry for kind {self.kind!r}")
+        attempts = 0
+        while True:
+            self._wait_out_api_pause()
+            if not self.limit.wait(self.stop):
+                raise SyncError("stopped: the listener is shutting down")
+            self.requests += 1
+            try:
+                page = parse_list_page(self.client.get_json(url))
+            except FetchError as error:
+                self.health.record(error, ("list", self.kind))
+                verdict = self.policy.classify(error)
+                outcome = self.policy.decide(verdict.event, attempts, f"{error.kind}: {error}", time.time(),
+                                             error.retry_after, self.health.paused_until)
+                attempts += outcome.spent
+                if outcome.status == "dead" or verdict.event == "wait":
+                    raise SyncError(f"list request for {self.kind} at offset {offset} failed: "
+                                    f"{outcome.last_error}") from None
+                logger.warning("sync list request failed kind=%s offset=%d attempts=%d error=%s", self.kind, offset,
+                               attempts, outcome.last_error)
+                if self.stop.wait(max(0.0, (outcome.due or 0.0) - time.time())):
+                    raise SyncError("stopped: the listener is shutting down") from None
+                continue
+            self.health.success()
+            return page
+
+    def _wait_out_api_pause(self) -> None:
+        while self.health.probing() and time.time() < self.health.paused_until:
+            if self.stop.wait(min(1.0, self.health.paused_until - time.time())):
+                raise SyncError("stopped: the listener is shutting down")
+
+    def _apply_page(self, conn: sqlite3.Connection, items: list, fetched_at: str) -> dict[str, int]:
+        added = dict.fromkeys(SYNC_COUNTS, 0)
+        added["pages"] = 1
+        for item in items:
+            added["seen"] += 1
+            object_id = item.get("id") if isinstance(item, dict) else None
+            if object_id is None or isinstance(object_id, (bool, dict, list)) or str(object_id) == "":
+                added["skipped"] += 1
+                continue
+            body = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
+            added[apply_object(conn, self.kind, item, body, [], fetched_at, source="sync")] += 1
+        conn.execute("UPDATE syncs SET " + ", ".join(f"{name} = {name} + ?" for name in SYNC_COUNTS) + " WHERE id = ?",
+                     [added[name] for name in SYNC_COUNTS] + [self.sync_id])
+        return added
+
+    def _finish(self, status: str, error: str | None) -> None:
+        try:
+            self.store.write(lambda conn: conn.execute(
+                "UPDATE syncs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+                (status, utc_iso(), error, self.sync_id)))
+        except StoreError as exc:
+            logger.error("cannot record the end of sync pass id=%s error=%s", self.sync_id, exc)
+
+
+def mark_interrupted_passes(conn: sqlite3.Connection) -> int:
+    """Passes left `running` by a process that stopped: they are `failed`."""
+    return conn.execute("UPDATE syncs SET status = 'failed', finished_at = ?, error = ? WHERE status = 'running'",
+                        (utc_iso(), INTERRUPTED_PASS)).rowcount
+
+
+def last_completed_pass(conn: sqlite3.Connection, kind: str) -> str | None:
+    """finished_at of the last `done` pass of ``kind``."""
+    row = conn.execute("SELECT finished_at FROM syncs WHERE kind = ? AND status = 'done' ORDER BY id DESC LIMIT 1",
+                       (kind,)).fetchone()
+    return row[0] if row else None
+
+
+class Reconciler:
+    """`serve`'s periodic passes: each [lists] kind when none has completed
+    yet or the last completed one is older than ``[sync] interval`` (so a
+    restart does not repeat a fresh pass). Its own thread; the worker's
+    client (one token) and ApiHealth (one pause)."""
+
+    CHECK_EVERY = 60.0
+    RETRY_FAILED_AFTER = 600.0
+
+    def __init__(self, settings: Settings, store: Store, worker: Worker) -> None:
+        self.settings = settings
+        self.store = store
+        self.worker = worker
+        self.interval = settings["sync"]["interval"]
+        self._stop = threading.Event()
+        self._failed_at: dict[str, float] = {}
+        self._announced: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._run, name="noyo-sync", daemon=True)
+
+    def start(self) -> None:
+        interrupted = self.store.write(mark_interrupted_passes)
+        if interrupted:
+            logger.warning("sync passes interrupted by a previous stop are marked failed count=%d", interrupted)
+        if self.interval <= 0 or self.worker.client is None or not self.settings.lists:
+            logger.info("periodic sync off reason=%s", "interval=0" if self.interval <= 0 else
+                        "no API credentials" if self.worker.client is None else "no [lists] entries")
+            return
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(5)
+
+    def seconds_until_due(self, kind: str) -> float:
+        conn = self.store.read()
+        try:
+            finished = last_completed_pass(conn, kind)
+        finally:
+            conn.close()
+        due = parse_utc_iso(finished) + self.interval if finished else 0.0
+        failed = self._failed_at.get(kind)
+        if failed is not None:
+            due = max(due, failed + min(self.interval, self.RETRY_FAILED_AFTER))
+        return due - time.time()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            wait = self.CHECK_EVERY
+            for kind in sorted(self.settings.lists):
+                try:
+                    remaining = self.seconds_until_due(kind)
+                    if remaining > 0:
+                        wait = min(wait, remaining)
+                        next_at = utc_iso(time.time() + remaining)[:19]
+                        if self._announced.get(kind) != next_at:  # once per due time, not every look
+                            self._announced[kind] = next_at
+                            logger.info("sync pass not due kind=%s next_at=%sZ", kind, next_at)
+                        continue
+                    assert self.worker.client is not None
+                    SyncPass(self.settings, self.store, self.worker.client, kind, self.worker.health,
+                             self._stop).run()
+                    self._failed_at.pop(kind, None)
+                except (SyncError, StoreError):
+                    self._failed_at[kind] = time.time()  # logged by the pass
+                except Exception:  # noqa: BLE001 - the thread outlives one bad pass
+                    self._failed_at[kind] = time.time()
+                    logger.exception("sync pass failed kind=%s", kind)
+                if self._stop.is_set():
+                    return
+                wait = min(wait, 1.0)  # look again soon: another kind may be due
+            self._stop.wait(max(0.05, wait))
 
 
 # --- Service ---------------------------------------------------------------
@@ -2367,9 +3584,16 @@ def sd_notify(message: str) -> bool:
 
 
 def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings systemd expects (None when it expects none)."""
+    """Seconds between WATCHDOG=1 pings systemd expects (None when it expects none).
+
+    systemd names the process it watches in WATCHDOG_PID. That is us, or the
+    process that started us when it is a wrapper that passes its environment
+    on and does not ping itself: ``litestream replicate -exec`` (the unit's
+    main process in systemd/noyo-listener.service.d/litestream.conf, with
+    NotifyAccess=all so that our pings count).
+    """
     usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
+    if not usec or (pid and pid not in (str(os.getpid()), str(os.getppid()))):
         return None
     try:
         return int(usec) / 1_000_000
@@ -2378,11 +3602,11 @@ def watchdog_interval() -> float | None:
 
 
 class Housekeeper:
-    """Everything periodic, off the request path, in one thread: SIGHUP reloads,
-    systemd's watchdog and status line, daily pruning."""
+    """Everything periodic and quick, off the request path, in one thread:
+    SIGHUP reloads, systemd's watchdog and status line. Pruning, which can
+    take long, has its own thread (Pruner) so it never delays the watchdog."""
 
     STATUS_EVERY = 10.0
-    PRUNE_EVERY = 86400.0
 
     def __init__(self, service: "Service") -> None:
         self.service = service
@@ -2391,7 +3615,6 @@ class Housekeeper:
         self.reload_requested = False
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._next_prune = time.monotonic()  # at start, then daily
         self._unhealthy_logged = 0.0
         self._queue_logged = 0.0
         self._thread = threading.Thread(target=self._run, name="noyo-housekeeper", daemon=True)
@@ -2404,19 +3627,20 @@ class Housekeeper:
         self.reload_requested = True
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop the chores (``wait``: and the thread, up to 5 s)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(5)
+        if wait:
+            self._thread.join(5)
 
     def _run(self) -> None:
-        self._prune_if_due()
         while not self._stop.is_set():
             self._wake.wait(self.tick)
             self._wake.clear()
             if self._stop.is_set():
                 return
-            for chore in (self._reload_if_asked, self._feed_watchdog, self._report_status, self._prune_if_due):
+            for chore in (self._reload_if_asked, self._feed_watchdog, self._report_status):
                 try:
                     chore()
                 except Exception:  # noqa: BLE001 - one failing chore must not stop the others
@@ -2433,8 +3657,8 @@ class Housekeeper:
         problems = self.service.self_check(timeout=self.watchdog / 2)
         if not problems:
             sd_notify("WATCHDOG=1")
-        elif time.monotonic() - self._unhealthy_logged > 30:
-            self._unhealthy_logged = time.monotonic()
+        elif time.monotonic() - self._unhealthy_logged > 30 and not self._stop.is_set():
+            self._unhealthy_logged = time.monotonic()  # (a check that met the shutdown is no news)
             logger.error("withholding the systemd watchdog ping problems=%s", json.dumps("; ".join(problems)))
 
     def _report_status(self) -> None:
@@ -2445,36 +3669,96 @@ class Housekeeper:
             logger.warning("requests are waiting for an HTTP thread queued=%d running=%d threads=%d",
                            queued, running, self.service.settings["server"]["threads"])
 
-    def _prune_if_due(self) -> None:
-        if time.monotonic() >= self._next_prune:
-            self._next_prune = time.monotonic() + self.PRUNE_EVERY
+
+class Pruner:
+    """Prunes at start and daily on its own thread: a long prune must never
+    keep the housekeeper from feeding the watchdog."""
+
+    PRUNE_EVERY = 86400.0
+    RETRY_AFTER_FAILURE = 3600.0
+
+    def __init__(self, prune: Callable[[], Any]) -> None:
+        self.prune = prune
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="noyo-prune", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        wait = 0.0  # at start, then daily
+        while not self._stop.wait(wait):
             try:
-                self.service.prune()
+                self.prune()
+                wait = self.PRUNE_EVERY
             except StoreError as exc:
                 logger.error("prune failed; trying again in an hour error=%s", exc)
-                self._next_prune = time.monotonic() + 3600
+                wait = self.RETRY_AFTER_FAILURE
+            except Exception:  # noqa: BLE001 - the thread outlives one bad prune
+                logger.exception("prune failed; trying again in an hour")
+                wait = self.RETRY_AFTER_FAILURE
 
 
-def _finish_queued_requests_at_shutdown(dispatcher: Any, grace: float) -> None:
-    """Make waitress finish queued requests before it stops its threads.
+def _receiving_a_request(channel: Any) -> bool:
+    """Whether a connection's request has its headers in and its body on the way."""
+    request = getattr(channel, "request", None)
+    return request is not None and request.headers_finished and not request.completed
+
+
+def _idle(channel: Any) -> bool:
+    """A connection with nothing to finish: no request being received, run or answered."""
+    return (getattr(channel, "request", None) is None and not getattr(channel, "requests", None)
+            and not getattr(channel, "total_outbufs_len", 0))
+
+
+def _finish_requests_at_shutdown(server: Any, grace: float, on_stop: Callable[[], None]) -> None:
+    """Make waitress finish the requests it has begun before it stops its threads.
 
     On SystemExit waitress calls ``task_dispatcher.shutdown()``, which lets
-    running tasks finish but cancels queued ones: their clients would get a
-    closed connection. Wait (bounded) for the queue to drain first. Relies on
-    waitress internals (``queue``, ``active_count``, ``lock``);
-    tests/test_waitress_internals.py fails if they change.
+    running tasks finish but cancels queued ones, and its I/O loop has
+    stopped, so a request whose body is still arriving is never read: both
+    clients would get a closed connection. Instead, for up to ``grace``
+    seconds: call ``on_stop``, stop accepting (the listening socket
+    closes), close idle keep-alive connections, and keep the loop reading
+    the connections that are receiving a request, until every request
+    received is run. Relies on
+    waitress internals (the dispatcher's ``queue``, ``active_count``,
+    ``lock``; the server's ``_map``; a channel's ``request`` parser with
+    ``headers_finished`` and ``completed``); tests/test_waitress_internals.py
+    fails if they change.
     """
+    dispatcher = server.task_dispatcher
     original = dispatcher.shutdown
 
     def shutdown(cancel_pending: bool = True, timeout: float = grace) -> bool:
         logger.info("stop requested; finishing requests in flight")
+        on_stop()
+        # The listening socket only: the loop's trigger stays, so a task that
+        # ends still wakes the loop below.
+        waitress.wasyncore.dispatcher.close(server)
+        channels = server._map
         deadline = time.monotonic() + grace
+        receiving = 0
         while time.monotonic() < deadline:
+            receiving = 0
+            for channel in list(channels.values()):
+                if isinstance(channel, waitress.channel.HTTPChannel):
+                    if _receiving_a_request(channel):
+                        receiving += 1
+                    elif _idle(channel):
+                        channel.close()  # nothing new starts on a kept-alive connection
             with dispatcher.lock:
                 busy = len(dispatcher.queue) + dispatcher.active_count
-            if not busy:
+            if not busy and not receiving:
                 break
-            time.sleep(0.01)
+            waitress.wasyncore.loop(timeout=0.05, map=channels, use_poll=True, count=1)
+        if receiving:
+            logger.warning("stopping with requests still arriving count=%d; their senders retry", receiving)
         return original(cancel_pending=cancel_pending, timeout=max(0.1, deadline - time.monotonic()))
 
     dispatcher.shutdown = shutdown
@@ -2483,18 +3767,20 @@ def _finish_queued_requests_at_shutdown(dispatcher: Any, grace: float) -> None:
 class Service:
     """`serve`: the store, the worker, the HTTP server, and their lifecycle."""
 
-    REQUESTS_GRACE = 5.0  # seconds for requests in flight (running or queued) to finish
+    REQUESTS_GRACE = 5.0  # seconds for requests in flight (arriving, queued or running) to finish
     SHUTDOWN_FLUSH = 2.0  # seconds to send the answers of requests that finished
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         db = settings["database"]
         self.lock = InstanceLock(db["path"])
-        self.store = Store(db["path"], db["synchronous"], db["busy_timeout"])
+        self.store = Store(db["path"], db["synchronous"], db["busy_timeout"], db["checkpoints"])
         self.worker: Worker | None = None
+        self.reconciler: Reconciler | None = None
         self.receiver: Receiver | None = None
         self.server: Any = None
         self.housekeeper = Housekeeper(self)
+        self.pruner = Pruner(self.prune)
 
     def open(self) -> None:
         """Take the lock, open the database, bind the port. Raises StoreError."""
@@ -2502,6 +3788,7 @@ class Service:
         self.store.open()
         client = NoyoClient(self.settings) if self.settings.fetching_enabled else None
         self.worker = Worker(self.settings, self.store, client)
+        self.reconciler = Reconciler(self.settings, self.store, self.worker)
         self.receiver = Receiver(self.settings, self.store, self.worker)
         server = self.settings["server"]
         try:
@@ -2509,7 +3796,13 @@ class Service:
         except OSError as exc:
             raise StoreError(f"cannot listen on {server['host']}:{server['port']}: {exc.strerror}; "
                              "is another program using the port?") from None
-        _finish_queued_requests_at_shutdown(self.server.task_dispatcher, self.REQUESTS_GRACE)
+        _finish_requests_at_shutdown(self.server, self.REQUESTS_GRACE, self._stopping)
+
+    def _stopping(self) -> None:
+        """The stop has begun: tell systemd, and end the periodic chores now (a
+        watchdog self-check would find the port closed and cry wolf)."""
+        sd_notify("STOPPING=1")
+        self.housekeeper.stop(wait=False)
 
     @property
     def self_address(self) -> tuple[str, int]:
@@ -2526,6 +3819,9 @@ class Service:
         try:
             self.worker.start()
             self.housekeeper.start()
+            self.pruner.start()
+            assert self.reconciler is not None
+            self.reconciler.start()
             _log_startup(self.settings, *self.self_address)
             sd_notify("READY=1\nSTATUS=" + self.status_line())
             # waitress leaves its loop on SystemExit raised in this thread; it
@@ -2546,6 +3842,9 @@ class Service:
         if self.server is not None:
             self._send_finished_answers()
         self.housekeeper.stop()
+        self.pruner.stop()
+        if self.reconciler is not None:
+            self.reconciler.stop()
         if self.worker is not None:
             self.worker.stop(timeout=2.0)
         self.store.close()
@@ -2613,7 +3912,7 @@ class Service:
         """SIGHUP: re-read [webhook] and [log]; keep everything if the file is broken."""
         assert self.receiver is not None
         try:
-            new = load_settings(self.settings.config_path)
+            new = load_settings(self.settings.config_path, needs=SERVE_NEEDS)
         except ConfigError as exc:
             logger.error("reload failed, keeping the running settings: %s", exc)
             return
@@ -2624,8 +3923,10 @@ class Service:
         self.settings = dataclasses.replace(self.settings, values=values, sources=sources)
         self.receiver.policy = RequestPolicy.from_settings(self.settings)
         logging.getLogger().setLevel(new["log"]["level"])
-        restart_needed = [s for s in ("server", "database", "noyo_api", "worker")
-                          if new[s] != self.settings[s]] + (["fetch"] if new.fetch != self.settings.fetch else [])
+        restart_needed = ([s for s in ("server", "database", "noyo_api", "worker", "sync")
+                           if new[s] != self.settings[s]]
+                          + (["fetch"] if new.fetch != self.settings.fetch else [])
+                          + (["lists"] if new.lists != self.settings.lists else []))
         logger.info("reloaded secrets=%s signature_payload=%s log_level=%s%s",
                     ",".join(name for name, _ in new["webhook"]["secrets"]),
                     new["webhook"]["signature_payload"], new["log"]["level"],
@@ -2633,6 +3934,10 @@ class Service:
         _warn_about_development_secret(self.settings)
 
     def prune(self, include_dead: bool = False) -> tuple[int, int]:
+        history_days = self.settings["database"]["history_days"]
+        if history_days:  # first: prune's vacuum then gives these pages back too
+            changes = prune_history(self.store, history_days)
+            logger.info("pruned changes=%d older_than_days=%d", changes, history_days)
         events, deliveries = prune(self.store, self.settings["database"]["dedupe_days"], include_dead)
         logger.info("pruned events=%d deliveries=%d older_than_days=%d", events, deliveries,
                     self.settings["database"]["dedupe_days"])
@@ -2652,6 +3957,13 @@ class _Shutdown(SystemExit):
 
 
 _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def _escape_unprintable(text: str) -> str:
+    """``text`` with every character that is not printable (newlines, CR,
+    escape sequences, Unicode line separators) written as a ``\\x``/``\\u`` escape."""
+    return "".join(char if char.isprintable() else json.dumps(char)[1:-1] if ord(char) > 0xff
+                   else f"\\x{ord(char):02x}" for char in text)
 
 
 class _LineFormatter(logging.Formatter):
@@ -2674,10 +3986,15 @@ class _LineFormatter(logging.Formatter):
         return f"{self._seconds.text(whole)},{int((created - whole) * 1000):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if not message.isprintable():
+            # A second line of defence behind log_value(), for messages from
+            # libraries (waitress) too: one record is one line, whatever it holds.
+            message = _escape_unprintable(message)
         if self.journal:
-            line = f"<{_PRIORITIES.get(record.levelno, 6)}>{record.levelname} {record.getMessage()}"
+            line = f"<{_PRIORITIES.get(record.levelno, 6)}>{record.levelname} {message}"
         else:
-            line = f"{self._clock(record.created)} {record.levelname} {record.getMessage()}"
+            line = f"{self._clock(record.created)} {record.levelname} {message}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
@@ -2707,21 +4024,29 @@ def _config_path(args: argparse.Namespace) -> str:
     return args.config or os.environ.get("NOYO_LISTENER_CONFIG") or "noyo_listener.ini"
 
 
+def settings_for(args: argparse.Namespace) -> Settings:
+    """The settings, checked for what this command needs (its parser's
+    ``needs``; a command that declares nothing needs no secrets)."""
+    return load_settings(_config_path(args), needs=getattr(args, "needs", ()))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the ini exactly as `serve` does and print the effective settings."""
-    settings = load_settings(_config_path(args))
+    settings = settings_for(args)
     print("\n".join(describe_settings(settings)))
     if not settings.fetching_enabled:
         print("# fetching is off: [noyo_api] client_id and client_secret are not set")
     if any(secret == DEVELOPMENT_SECRET for _, secret in settings["webhook"]["secrets"]):
         print("# WARNING: [webhook] secrets holds the public development secret; replace it before production")
+    for warning in settings_warnings(settings):
+        print(f"# WARNING: {warning}")
     print("# configuration is valid")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP server and the worker until SIGTERM or SIGINT."""
-    settings = load_settings(_config_path(args))
+    settings = settings_for(args)
     logging.getLogger().setLevel(settings["log"]["level"])
     # waitress logs "Task queue depth is N" for every request that waits for a
     # thread: under load that is one formatted WARNING per request on its I/O
@@ -2751,6 +4076,11 @@ def _log_startup(settings: Settings, host: str, port: int) -> None:
         "on" if settings.fetching_enabled else "off", __version__,
     )
     _warn_about_development_secret(settings)
+    for warning in settings_warnings(settings):
+        logger.warning("%s", warning)
+    if settings["database"]["checkpoints"] == "external":
+        logger.info("checkpoints=external: this process runs no WAL checkpoint; the replicator "
+                    "(Litestream) must, or the -wal file grows without bound")
 
 
 def _warn_about_development_secret(settings: Settings) -> None:
@@ -2784,33 +4114,68 @@ def gather_status(settings: Settings) -> dict:
             by_type.setdefault(event_type, {})[status] = count
         oldest = conn.execute("SELECT MIN(received_at) FROM events WHERE status = 'pending'").fetchone()[0]
         last = conn.execute("SELECT MAX(received_at) FROM events").fetchone()[0]
-        api_state = json.loads(get_meta(conn, "api_state") or "null")
+        view = json.loads(get_meta(conn, DAEMON_VIEW_KEY) or "null")
         last_fetch = get_meta(conn, "last_fetch_ok_at")
+        last_sync = last_sync_by_kind(conn)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read {path}: {exc}") from None
     finally:
         conn.close()
+    running, pid = InstanceLock.holder(path)
     return {
         "database": path,
+        "daemon": {"running": running, "pid": pid},
         "events": {status: by_status.get(status, 0) for status in ("pending", "done", "ignored", "dead")},
         "by_type": by_type,
         "oldest_pending_age_seconds": round(time.time() - parse_utc_iso(oldest), 1) if oldest else None,
         "last_received_at": last,
         "dead": by_status.get("dead", 0),
         "last_fetch_ok_at": last_fetch,
-        "fetching": "on" if settings.fetching_enabled else "off (set [noyo_api] client_id and client_secret)",
-        "api": api_state,
+        "fetching": _fetching_text(view),
+        "api": view,
+        "last_sync": last_sync,
     }
+
+
+def _fetching_text(view: dict | None) -> str:
+    """Whether the daemon fetches, as it recorded it (not this shell's config:
+    the daemon may see credentials this shell does not)."""
+    if not isinstance(view, dict):
+        return "unknown (no serve has recorded its state in this database yet)"
+    fetching = view.get("fetching", view.get("state") != "fetching_off")
+    return "on" if fetching else "off (set [noyo_api] client_id and client_secret for serve)"
+
+
+def last_sync_by_kind(conn: sqlite3.Connection) -> dict[str, dict]:
+    """The last reconciliation pass of each kind (a database older than the syncs table has none)."""
+    try:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT * FROM syncs WHERE id IN (SELECT MAX(id) FROM syncs GROUP BY kind) "
+                            "ORDER BY kind").fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        conn.row_factory = None
+    return {row["kind"]: {key: row[key] for key in row.keys() if key != "kind"} for row in rows}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print counts, ages and the API state; --json for scripts."""
-    status = gather_status(load_settings(_config_path(args)))
+    status = gather_status(settings_for(args))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
     events = status["events"]
     print(f"database:        {status['database']}")
+    daemon = status["daemon"]
+    if daemon["running"]:
+        print("daemon:          running" + (f" (pid {daemon['pid']})" if daemon["pid"] else ""))
+    elif daemon["running"] is None:
+        print("daemon:          unknown (this user may not read the lock file; try as root or the service user)")
+    else:
+        recorded = (status["api"] or {}).get("recorded_at")
+        print("daemon:          not running (no serve holds the database's lock)"
+              + (f"; fetching and noyo api below are as it recorded them at {recorded}" if recorded else ""))
     print("events:          " + "  ".join(f"{k}={v}" for k, v in events.items()))
     age = status["oldest_pending_age_seconds"]
     print(f"oldest pending:  {'-' if age is None else format_duration(round(age)) + ' ago'}")
@@ -2821,6 +4186,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     api_line = api.get("state", "unknown") + (f" until {api['until']}" if api.get("until") else "")
     print(f"fetching:        {status['fetching']}")
     print(f"noyo api:        {api_line}" + (f"  last error: {api['last_error']}" if api.get("last_error") else ""))
+    for kind, last in status["last_sync"].items():
+        counts = " ".join(f"{name}={last[name]}" for name in SYNC_COUNTS)
+        ended = f" finished {last['finished_at']}" if last["finished_at"] else f" started {last['started_at']}"
+        print(f"last sync:       {kind} {last['status']}{ended} {counts}"
+              + (f"  error: {last['error']}" if last["error"] else ""))
     if status["by_type"]:
         print("by type:")
         for event_type, counts in status["by_type"].items():
@@ -2838,7 +4208,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         where, params = "type = ? AND status != 'pending'", [args.type]
     else:
         where, params = f"event_id IN ({', '.join('?' * len(args.event_ids))}) AND status != 'pending'", args.event_ids
-    conn = connect(path, settings["database"]["synchronous"], settings["database"]["busy_timeout"])
+    conn = connect(path, settings["database"]["synchronous"], settings["database"]["busy_timeout"],
+                   checkpoints=settings["database"]["checkpoints"])
     try:
         conn.execute("BEGIN IMMEDIATE")
         count = conn.execute(
@@ -2849,12 +4220,34 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         raise StoreError(f"cannot requeue in {path}: {exc}") from None
     finally:
         conn.close()
-    print(f"requeued {count} event(s); a running listener picks them up within {Worker.MAX_SLEEP:g}s")
+    print(f"requeued {count} event(s); a running listener picks them up within 2s")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """One reconciliation pass per [lists] kind (or --kind) now, in the foreground."""
+    settings = settings_for(args)  # API credentials, not webhook secrets (the parser's needs)
+    if args.kind is not None and args.kind not in settings.lists:
+        known = ", ".join(sorted(settings.lists)) or "none"
+        raise ConfigError(f"no [lists] entry for kind {args.kind!r}; known: {known}")
+    kinds = [args.kind] if args.kind else sorted(settings.lists)
+    db = settings["database"]
+    store = Store(db["path"], db["synchronous"], db["busy_timeout"], db["checkpoints"])
+    store.open()
+    try:
+        client = NoyoClient(settings)
+        for kind in kinds:
+            sync_pass = SyncPass(settings, store, client, kind)
+            sync_pass.run()
+            print(sync_pass.summary(), flush=True)
+    finally:
+        store.close()
     return 0
 
 
 def _open_store(settings: Settings) -> Store:
-    store = Store(existing_database(settings), settings["database"]["synchronous"], settings["database"]["busy_timeout"])
+    db = settings["database"]
+    store = Store(existing_database(settings), db["synchronous"], db["busy_timeout"], db["checkpoints"])
     store.open()
     return store
 
@@ -2864,12 +4257,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     settings = load_settings(_config_path(args))
     store = _open_store(settings)
     try:
+        changes = prune_history(store, settings["database"]["history_days"])  # first: prune vacuums after
         events, deliveries = prune(store, settings["database"]["dedupe_days"], include_dead=args.dead)
     finally:
         store.close()
     kinds = "done, ignored and dead" if args.dead else "done and ignored"
     print(f"pruned {events} {kinds} event(s) and {deliveries} deliveries older than "
           f"{settings['database']['dedupe_days']} days")
+    history_days = settings["database"]["history_days"]
+    print(f"pruned {changes} change(s) older than {history_days} days" if history_days
+          else "kept every change (history_days = 0)")
     return 0
 
 
@@ -2906,6 +4303,161 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Put a backup in place of the database while `serve` is stopped."""
+    settings = settings_for(args)
+    path = settings["database"]["path"]
+    version, events = check_backup(args.source)
+    lock = InstanceLock(path)
+    lock.acquire(busy_message=(
+        f"noyo-listener is serving {os.path.abspath(path)} (lock {lock.path} is held); stop it first "
+        "(sudo systemctl stop noyo-listener), then run restore again; nothing was changed"))
+    try:
+        restore_database(args.source, path)
+    finally:
+        lock.release()
+    info = os.stat(path)
+    migration = (f"; serve migrates it from schema version {version} to {SCHEMA_VERSION} at start"
+                 if version < SCHEMA_VERSION else "")
+    print(f"restored {args.source} to {path}: {events} events, integrity ok, mode {info.st_mode & 0o777:04o}, "
+          f"owner {info.st_uid}:{info.st_gid} like its directory{migration}. "
+          "Start serve again (sudo systemctl start noyo-listener).")
+    return 0
+
+
+# The change feed, read-only: `history` for people, `changes` for scripts.
+
+CHANGE_COLUMNS = ("seq", "kind", "id", "version", "modified", "state_from", "state_to", "observed_at", "source",
+                  "event_type")
+_SELECT_CHANGES = f"SELECT {', '.join(CHANGE_COLUMNS)} FROM changes"
+FOLLOW_POLL = 0.25  # seconds between looks for new rows (the SPEC promises them within 1 s)
+CHANGES_PAGE = 1000  # rows per read: a long backlog never holds one read transaction open
+
+
+def _open_feed(settings: Settings) -> sqlite3.Connection:
+    """The database opened read-only, with its change feed present."""
+    path = existing_database(settings)
+    try:
+        conn = connect(path, busy_timeout=settings["database"]["busy_timeout"], mode="readonly",
+                       checkpoints=settings["database"]["checkpoints"])
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from None
+    try:
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'").fetchone()
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    if not found:
+        conn.close()
+        raise StoreError(f"{path} has no change history yet (its schema predates it); "
+                         "start `serve` of this version once to migrate it")
+    return conn
+
+
+def _printable(value: Any) -> str:
+    """Text for a terminal: values from the API cannot move the cursor or start a line."""
+    text = "-" if value is None else str(value)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _modified_text(value: Any) -> str:
+    """``modified`` as UTC text when it is unix seconds, else as stored."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return dt.datetime.fromtimestamp(value, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except (OverflowError, OSError, ValueError):
+            pass
+    return _printable(value)
+
+
+def format_change(row: dict) -> str:
+    """One line of `history`: observed_at, kind, state_from -> state_to, modified, source."""
+    cause = f" ({_printable(row['event_type'])})" if row["event_type"] else ""
+    version = f" version={_printable(row['version'])}" if row["version"] is not None else ""
+    return (f"{row['observed_at']}  {_printable(row['kind'])}  "
+            f"{'(new)' if row['state_from'] is None else _printable(row['state_from'])} -> "
+            f"{_printable(row['state_to'])}  modified={_modified_text(row['modified'])}{version}  "
+            f"source={row['source']}{cause}")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Print one object's timeline from the change feed, oldest first."""
+    settings = settings_for(args)  # declares no needs: no secrets or credentials
+    conn = _open_feed(settings)
+    try:
+        rows = [dict(zip(CHANGE_COLUMNS, row)) for row in conn.execute(
+            f"{_SELECT_CHANGES} WHERE id = ? ORDER BY seq", (args.id,))]
+        known = bool(rows) or conn.execute(
+            "SELECT 1 FROM differences WHERE id = ? UNION ALL SELECT 1 FROM resources WHERE id = ? LIMIT 1",
+            (args.id, args.id)).fetchone() is not None
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the change history: {exc}") from None
+    finally:
+        conn.close()
+    if not known:
+        raise StoreError(f"no object has id {_printable(args.id)!r}; list ids with "
+                         "`noyo_listener.py changes` or: select id from differences")
+    if not rows:
+        print(f"no changes recorded for {_printable(args.id)}: they are older than [database] history_days, "
+              "or it was stored before history was kept", file=sys.stderr)
+    for row in rows:
+        print(json.dumps(row) if args.json else format_change(row))
+    return 0
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the handler does nothing else."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def handle(self, _signum: int, _frame: Any) -> None:
+        self.raised = True
+
+
+def cmd_changes(args: argparse.Namespace) -> int:
+    """Write the change feed as JSON lines; with --follow, keep writing until SIGINT/SIGTERM."""
+    settings = settings_for(args)  # declares no needs: no secrets or credentials
+    conn = _open_feed(settings)
+    stop = _StopFlag()
+    if args.follow:
+        signal.signal(signal.SIGINT, stop.handle)
+        signal.signal(signal.SIGTERM, stop.handle)
+    where, params = "seq > ?", []
+    if args.kind is not None:
+        where, params = "seq > ? AND kind = ?", [args.kind]
+    last, left = args.since, args.limit
+    try:
+        while not stop.raised:
+            # Read data_version before the rows: a commit in between is then seen twice, never missed.
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            page = CHANGES_PAGE if left is None else min(CHANGES_PAGE, left)
+            rows = conn.execute(f"{_SELECT_CHANGES} WHERE {where} ORDER BY seq LIMIT ?",
+                                [last, *params, page]).fetchall()
+            for row in rows:
+                sys.stdout.write(json.dumps(dict(zip(CHANGE_COLUMNS, row))) + "\n")
+                last = row[0]
+            sys.stdout.flush()
+            if left is not None:
+                left -= len(rows)
+                if left <= 0:
+                    break
+            if len(rows) == page:
+                continue  # more are waiting
+            if not args.follow:
+                break
+            while not stop.raised and conn.execute("PRAGMA data_version").fetchone()[0] == version:
+                time.sleep(FOLLOW_POLL)  # a signal ends the sleep; its handler only sets the flag
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the change feed: {exc}") from None
+    except BrokenPipeError:
+        # The reader went away (`changes | head`): nothing more to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        conn.close()
+    return 0
+
+
 def build_test_event(event_type: str, data_id: str | None) -> bytes:
     """A body shaped like Noyo's (``test.hello_world`` carries a message, not an id)."""
     if event_type == "test.hello_world" and data_id is None:
@@ -2933,7 +4485,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     """Sign and POST an event exactly as Noyo does; print the answer."""
     secret = args.secret
     if secret is None:
-        secrets = load_settings(_config_path(args))["webhook"]["secrets"]
+        secrets = settings_for(args)["webhook"]["secrets"]
         name, secret = secrets[0]
         print(f"signing with secret {name!r} from the config", file=sys.stderr)
     body = build_test_event(args.type, args.data_id)
@@ -2959,6 +4511,19 @@ def _url_argument(text: str) -> str:
     return text
 
 
+def _count_argument(minimum: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more (got {value})")
+        return value
+
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noyo_listener.py", description="Receive Noyo webhooks, store them in SQLite, fetch the objects.")
@@ -2967,9 +4532,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"noyo-listener {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    commands.add_parser("serve", help="run the HTTP server and the worker").set_defaults(func=cmd_serve)
+    # ``needs``: what a command needs beyond a valid ini (see NEEDS_*). Leave it
+    # out for a command that only reads or maintains the database.
+    commands.add_parser("serve", help="run the HTTP server and the worker"
+                        ).set_defaults(func=cmd_serve, needs=SERVE_NEEDS)
     commands.add_parser("check-config", help="validate the ini and print the effective settings"
-                        ).set_defaults(func=cmd_check_config)
+                        ).set_defaults(func=cmd_check_config, needs=SERVE_NEEDS)
 
     status = commands.add_parser("status", help="counts, ages, dead letters and API state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -2982,7 +4550,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--data-id", help="data.id of the event (default: a new uuid; none for test.hello_world)")
     send.add_argument("--form", choices=(FORM_TIMESTAMP_BODY, FORM_BODY), default=FORM_TIMESTAMP_BODY,
                       help="what to sign (default: timestamp.body)")
-    send.set_defaults(func=cmd_send_test)
+    send.set_defaults(func=cmd_send_test, needs=(NEEDS_WEBHOOK_SECRETS,))
 
     prune_cmd = commands.add_parser("prune", help="forget old done/ignored events now (serve does it daily)")
     prune_cmd.add_argument("--dead", action="store_true", help="also dead events older than dedupe_days")
@@ -2992,12 +4560,34 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("dest", metavar="DEST", help="new file to write (never overwritten)")
     backup.set_defaults(func=cmd_backup)
 
+    restore = commands.add_parser("restore", help="put a backup in place of the database while serve is stopped")
+    restore.add_argument("source", metavar="SRC", help="a backup written by `backup` (checked before anything changes)")
+    restore.set_defaults(func=cmd_restore)
+
+    history = commands.add_parser("history", help="the timeline of one object, oldest first")
+    history.add_argument("id", metavar="ID", help="a difference's or other object's id")
+    history.add_argument("--json", action="store_true", help="JSON lines with every column")
+    history.set_defaults(func=cmd_history)
+
+    changes = commands.add_parser("changes", help="the change feed as JSON lines, for scripts")
+    changes.add_argument("--since", type=_count_argument(0), default=0, metavar="SEQ",
+                         help="only rows after this seq (the last one you handled)")
+    changes.add_argument("--kind", metavar="K", help="only this kind (difference, member_snapshot, ...)")
+    changes.add_argument("--limit", type=_count_argument(1), metavar="N", help="at most N rows")
+    changes.add_argument("--follow", action="store_true",
+                         help="keep writing new rows as they commit, until SIGINT or SIGTERM")
+    changes.set_defaults(func=cmd_changes)
+
     requeue = commands.add_parser("requeue", help="put events back to pending")
     which = requeue.add_mutually_exclusive_group(required=True)
     which.add_argument("--dead", action="store_true", help="every dead event")
     which.add_argument("--type", help="every non-pending event of this type")
     which.add_argument("event_ids", nargs="*", default=[], metavar="EVENT_ID")
     requeue.set_defaults(func=cmd_requeue)
+
+    sync = commands.add_parser("sync", help="reconcile with Noyo's lists now (one pass per [lists] kind)")
+    sync.add_argument("--kind", help="only this [lists] kind (default: every one)")
+    sync.set_defaults(func=cmd_sync, needs=(NEEDS_API_CREDENTIALS,))
     return parser
 
 
@@ -3007,7 +4597,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         return args.func(args)
-    except (ConfigError, StoreError) as exc:
+    except (ConfigError, StoreError, SyncError) as exc:
         print(f"noyo-listener: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -43,12 +43,13 @@ def build_requests(count: int, secret: str = SECRET, path: str = PATH, data_ids:
 
 
 class _Conn:
-    __slots__ = ("sock", "inbuf", "started")
+    __slots__ = ("sock", "inbuf", "started", "index")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.inbuf = b""
         self.started = 0.0
+        self.index = -1  # which of the requests is in flight
 
 
 def _complete(buffer: bytes) -> int:
@@ -63,8 +64,13 @@ def _complete(buffer: bytes) -> int:
     return total if len(buffer) >= total else 0
 
 
-def run(port: int, requests: list[bytes], connections: int, seconds: float, host: str = "127.0.0.1") -> dict:
-    """Drive the server at full speed for ``seconds``; return counts and latency percentiles."""
+def run(port: int, requests: list[bytes], connections: int, seconds: float, host: str = "127.0.0.1",
+        acked: list | None = None) -> dict:
+    """Drive the server at full speed for ``seconds``; return counts and latency percentiles.
+
+    With ``acked``, every 200 appends ``(index into requests, time.perf_counter())``
+    to it (bench/litestream.py: which acknowledged events a restore lacks).
+    """
     selector = selectors.DefaultSelector()
     conns = []
     for _ in range(connections):
@@ -85,6 +91,7 @@ def run(port: int, requests: list[bytes], connections: int, seconds: float, host
         if next_request >= len(requests):
             return False
         data = requests[next_request]
+        conn.index = next_request
         next_request += 1
         conn.started = clock()
         conn.sock.setblocking(True)  # small requests: one blocking send is cheapest
@@ -120,6 +127,8 @@ def run(port: int, requests: list[bytes], connections: int, seconds: float, host
                 latencies.append(clock() - conn.started)
                 status = int(conn.inbuf[9:12])
                 statuses[status] = statuses.get(status, 0) + 1
+                if acked is not None and status == 200:
+                    acked.append((conn.index, clock()))
                 conn.inbuf = conn.inbuf[size:]
                 if not send(conn):
                     deadline = clock()  # out of pre-built requests: stop the clock here

@@ -285,7 +285,8 @@ def drain_figures(tmp: Path, objects: int, latency: float) -> None:
                 loadgen.run(server.port, requests, 8, 600)
             finally:
                 server.stop()
-            ini = write_ini(tmp, name, log={"level": "INFO"}, worker={"concurrency": concurrency}, noyo_api={
+            ini = write_ini(tmp, name, log={"level": "INFO"}, worker={"concurrency": concurrency},
+                            sync={"interval": 0}, noyo_api={
                 "client_id": fake.client_id, "client_secret": fake.client_secret,
                 "token_url": fake.url + "/auth/public/token", "tracking_url": fake.url, "fulfillment_url": fake.url})
             db = tmp / f"{name}.sqlite3"
@@ -342,7 +343,7 @@ def burst_figure(tmp: Path, events: int, objects: int, latency: float, concurren
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         url, client_id, client_secret = fake.stdout.readline().split()
-        ini = write_ini(tmp, "burst", worker={"concurrency": concurrency}, noyo_api={
+        ini = write_ini(tmp, "burst", worker={"concurrency": concurrency}, sync={"interval": 0}, noyo_api={
             "client_id": client_id, "client_secret": client_secret,
             "token_url": url + "/auth/public/token", "tracking_url": url, "fulfillment_url": url})
         db = tmp / "burst.sqlite3"

@@ -9,9 +9,12 @@ and prints one line per figure:
   events would cost without the global backoff = events x attempts);
 - how long after the API comes back until every event is done;
 - fetches per event when each difference gets created/discrepancy/resolved
-  in a burst.
+  in a burst;
+- the drain rate of a burst with one object whose GET answers 403, against
+  the same burst without it, in the same run (a refused object must cost its
+  own event, not everyone's throughput).
 
-    python3 bench/worker_faults.py [--outage 60] [--rate 5]
+    python3 bench/worker_faults.py [--outage 60] [--rate 5] [--only refused]
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ fulfillment_url = {fake.url}
 timeout = 2s
 [worker]
 {worker_lines}
+[sync]
+interval = 0
 [log]
 level = WARNING
 """)
@@ -171,16 +176,63 @@ def burst(objects: int, latency: float) -> None:
             fake.stop()
 
 
+def still_pending(db: Path) -> int:
+    with sqlite3.connect(db, timeout=10) as conn:
+        return conn.execute("SELECT COUNT(*) FROM events WHERE status = 'pending'").fetchone()[0]
+
+
+def refused_object(objects: int, latency: float, rounds: int = 3) -> None:
+    """Drain rate of bursts with and without one 403 object, alternated in one run."""
+    fake = FakeNoyo().start()
+    fake.latency = latency
+    with tempfile.TemporaryDirectory() as tmp:
+        # Production backoff (1s .. 1h): under the old policy the 403 paused all fetching for an hour.
+        proc, port, db = start_listener(Path(tmp), fake, concurrency="4")
+        try:
+            sender = Sender(port)
+            rates: dict[str, list[float]] = {"clean": [], "one_403": []}
+            for round_number in range(rounds):
+                for case in ("clean", "one_403"):
+                    ids = [f"{case}-{round_number}-{n}" for n in range(objects)]
+                    for diff_id in ids:
+                        fake.put("difference", {"id": diff_id, "modified": 1})
+                    if case == "one_403":
+                        fake.add_fault(Fault("status", times=10**9, status=403, match=f"/differences/{ids[0]}"))
+                    started = time.monotonic()
+                    for diff_id in ids:
+                        sender.send("difference.created", diff_id, 1)
+                    while still_pending(db):
+                        time.sleep(0.02)
+                        if time.monotonic() - started > 300:
+                            raise SystemExit(f"burst {case} did not drain in 300 s; see the log in {tmp}")
+                    rates[case].append(objects / (time.monotonic() - started))
+            with sqlite3.connect(db) as conn:
+                dead = conn.execute("SELECT COUNT(*) FROM events WHERE status = 'dead'").fetchone()[0]
+            clean, bad = sorted(rates["clean"])[rounds // 2], sorted(rates["one_403"])[rounds // 2]
+            print(f"refused_object burst_objects={objects} api_latency_ms={latency * 1000:g} rounds={rounds} "
+                  f"events_per_s_clean={clean:.0f} events_per_s_with_one_403={bad:.0f} ratio={bad / clean:.2f} "
+                  f"dead_events={dead} (median of alternated rounds; shared machine)")
+        finally:
+            proc.terminate()
+            proc.wait(15)
+            fake.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--outage", type=float, default=60.0, help="seconds the API answers 503")
     parser.add_argument("--rate", type=float, default=5.0, help="new events per second during the outage")
     parser.add_argument("--burst-objects", type=int, default=200)
+    parser.add_argument("--only", choices=("burst", "refused", "outage"), help="run one case")
     args = parser.parse_args()
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} python={platform.python_version()} "
           f"{platform.platform()}")
-    burst(args.burst_objects, 0.02)
-    outage(args.outage, args.rate)
+    if args.only in (None, "burst"):
+        burst(args.burst_objects, 0.02)
+    if args.only in (None, "refused"):
+        refused_object(args.burst_objects, 0.02)
+    if args.only in (None, "outage"):
+        outage(args.outage, args.rate)
 
 
 if __name__ == "__main__":

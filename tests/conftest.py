@@ -256,6 +256,9 @@ def api_sections(fake: FakeNoyo, **worker: Any) -> dict[str, dict[str, Any]]:
             "fulfillment_url": fake.url, "timeout": "2s",
         },
         "worker": {"backoff_initial": "50ms", "backoff_max": "1s", **worker},
+        # No periodic reconciliation pass unless a test asks (test_sync.py): its
+        # list requests would mix with the object GETs other tests count.
+        "sync": {"interval": 0},
     }
 
 

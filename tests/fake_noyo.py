@@ -1,7 +1,8 @@
 """A fake Noyo REST API: a real HTTP server on 127.0.0.1 with programmable faults.
 
-It serves the token endpoint and the five object endpoints the listener
-fetches, records every request, and can be told to fail in the ways the real
+It serves the token endpoint, the five object endpoints the listener
+fetches and their paged lists (``GET /api/v1/<collection>?page_size=&offset=``,
+Noyo's shape and its page_size limits of 5..100), records every request, and can be told to fail in the ways the real
 API might: N x 500, 429 with Retry-After, expired tokens, 404 for a while,
 slow answers, dropped connections, invalid JSON, or no server at all.
 """
@@ -14,6 +15,7 @@ import http.server
 import json
 import threading
 import time
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -62,6 +64,11 @@ class FakeNoyo:
         self.token_expires_in: Any = 600
         self.wrap_objects = False
         self.latency = 0.0
+        self.list_latency = 0.0  # seconds each list page takes
+        self.list_gate = threading.Event()  # cleared by hold_lists(): list pages wait until release_lists()
+        self.list_gate.set()
+        self.token_delay = 0.0  # seconds the token endpoint takes to answer (a hanging token endpoint)
+        self.token_arrivals: list[float] = []  # when each token request arrived (before any delay)
         self.gate = threading.Event()  # cleared by hold(): object GETs wait until release()
         self.gate.set()
         self.lock = threading.Lock()
@@ -109,6 +116,17 @@ class FakeNoyo:
 
     def release(self) -> None:
         self.gate.set()
+
+    def hold_lists(self) -> None:
+        """Keep list requests in flight (they wait) until ``release_lists()``."""
+        self.list_gate.clear()
+
+    def release_lists(self) -> None:
+        self.list_gate.set()
+
+    def list_requests(self, collection: str = "differences") -> list[Recorded]:
+        with self.lock:
+            return [r for r in self.requests if r.path.startswith(f"/api/v1/{collection}?")]
 
     def expire_tokens(self) -> None:
         with self.lock:
@@ -192,6 +210,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         if self.path != TOKEN_PATH:
             return self._send(404, {"error": "not found"})
+        with self.fake.lock:
+            self.fake.token_arrivals.append(time.time())
+        if self.fake.token_delay:
+            time.sleep(self.fake.token_delay)  # a slow token endpoint, not synchronisation
         fault = self.fake._take_fault(self.path)
         if fault is not None:
             return self._apply(fault, {})
@@ -209,6 +231,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         parts = self.path.split("?")[0].strip("/").split("/")
+        if len(parts) == 3 and parts[:2] == ["api", "v1"] and parts[2] in COLLECTIONS:
+            return self._list(COLLECTIONS[parts[2]])
         if len(parts) != 4 or parts[:2] != ["api", "v1"] or parts[2] not in COLLECTIONS:
             return self._send(404, {"error": "no such endpoint"})
         kind, object_id = COLLECTIONS[parts[2]], parts[3]
@@ -228,6 +252,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if obj is None:
             return self._send(404, {"error": "not found"})
         self._send(200, {"response": obj} if self.fake.wrap_objects else obj)
+
+    def _list(self, kind: str) -> None:
+        """One page of a Noyo list: items under ``response``, the total under ``meta``."""
+        self.fake.list_gate.wait(60)
+        if self.fake.list_latency:
+            time.sleep(self.fake.list_latency)  # simulated network latency, not synchronisation
+        fault = self.fake._take_fault(self.path)
+        if fault is not None:
+            return self._apply(fault, {"meta": {}, "response": []})
+        auth = self.headers.get("Authorization", "")
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        with self.fake.lock:
+            token_ok = auth.startswith("Bearer ") and auth[7:] in self.fake.valid_tokens
+            items = [obj for (k, _), obj in self.fake.objects.items() if k == kind]
+        if not token_ok:
+            return self._send(401, {"error": "invalid token"})
+        try:
+            page_size = int(query.get("page_size", ["20"])[0])
+            offset = int(query.get("offset", ["0"])[0])
+        except ValueError:
+            return self._send(400, {"error": "page_size and offset must be integers"})
+        if not 5 <= page_size <= 100 or offset < 0:
+            return self._send(400, {"error": "page_size must be between 5 and 100"})
+        self._send(200, {"meta": {"offset": offset, "page_size": page_size, "total_records": len(items)},
+                         "response": items[offset:offset + page_size]})
 
     def _apply(self, fault: Fault, obj: dict) -> None:
         if fault.action == "drop":

@@ -217,7 +217,7 @@ def test_a_full_disk_gets_503_never_200_and_recovers(start_listener, small_disk)
         if answers[event_id] == 503:
             break
     assert 503 in answers.values(), "the disk never filled up"
-    listener.wait_for_log(r"status=503 .*error=database or disk is full")
+    listener.wait_for_log(r"status=503 .*error=\"?database or disk is full")
     assert set(answers.values()) <= {200, 503}
     assert listener.get("/healthz")[0] == 503
     assert listener.proc.poll() is None  # still up

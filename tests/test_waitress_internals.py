@@ -5,7 +5,10 @@ changes any of them, these fail before production does.
   ``HTTPChannel.service`` pulls the loop's trigger after a task ends.
 - graceful shutdown wraps ``ThreadedTaskDispatcher.shutdown`` and reads its
   ``queue``, ``active_count`` and ``lock``; it stops the loop by SystemExit,
-  which ``BaseWSGIServer.run`` catches; it then flushes through ``_map``.
+  which ``BaseWSGIServer.run`` catches; it closes the listening socket alone
+  and keeps running the loop over ``_map`` for requests still arriving (a
+  channel's ``request`` parser, ``headers_finished``, ``completed``); it then
+  flushes through ``_map``.
 - bad requests answered by waitress itself are logged via ``error_task_class``.
 """
 
@@ -61,3 +64,20 @@ def test_the_server_keeps_its_socket_map_and_channel_class(tmp_path):
     finally:
         server.close()
         server.task_dispatcher.shutdown()
+
+
+def test_channel_and_parser_state_the_shutdown_grace_reads():
+    # A channel's request being received is ``channel.request``, a parser with
+    # ``headers_finished`` and ``completed``; a completed one becomes a task
+    # through ``server.add_task`` as the loop reads it.
+    import waitress.parser
+    import waitress.wasyncore
+    assert waitress.channel.HTTPChannel.request is None
+    assert waitress.parser.HTTPRequestParser.headers_finished is False
+    assert waitress.parser.HTTPRequestParser.completed is False
+    received = inspect.getsource(waitress.channel.HTTPChannel.received)
+    assert "self.request = self.parser_class(" in received and "self.server.add_task(self)" in received
+    # Closing the listening socket alone, keeping the loop's trigger.
+    assert "self.trigger.close()" in inspect.getsource(waitress.server.BaseWSGIServer.close)
+    assert "self.del_channel()" in inspect.getsource(waitress.wasyncore.dispatcher.close)
+    assert {"timeout", "map", "use_poll", "count"} <= set(inspect.signature(waitress.wasyncore.loop).parameters)
