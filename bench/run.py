@@ -367,6 +367,10 @@ def burst_figure(tmp: Path, events: int, objects: int, latency: float, concurren
                     break
                 time.sleep(0.2)
             drained = time.monotonic()
+            with sqlite3.connect(db, timeout=10) as conn:
+                stored = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            if stored < result["ok"]:
+                raise SystemExit(f"burst: {result['ok']} acknowledged but {stored} stored")
             rss = server.rss_peak_kib()
             size = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
         finally:
@@ -374,7 +378,7 @@ def burst_figure(tmp: Path, events: int, objects: int, latency: float, concurren
     finally:
         fake.stdin.close()
         fake.wait(30)
-    say(f"burst events={events} objects={objects} c=64 acked={result['ok']} non_2xx={result['non_2xx']} "
+    say(f"burst events={events} objects={objects} c=64 acked={result['ok']} stored={stored} non_2xx={result['non_2xx']} "
         f"errors={result['errors']} ack_seconds={acked - started:.1f} acks_per_s={result['rps']:.0f} "
         f"p99_ms={result['p99_ms']:.1f} drain_seconds={drained - started:.1f} "
         f"{'pending_left=' + str(left) + ' (gave up) ' if left else ''}"
