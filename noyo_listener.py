@@ -14,9 +14,20 @@ configuration -> storage -> signature -> HTTP app -> Noyo client -> worker
 
 from __future__ import annotations
 
+import sys
+
+# Checked before anything that needs 3.9 runs, so an older interpreter (that
+# can still parse this file: 3.7 and 3.8) gets one line instead of a traceback.
+# Older ones cannot parse ``from __future__ import annotations``; the bundle's
+# __main__.py checks before importing this module, for every Python.
+if sys.version_info < (3, 9):
+    raise SystemExit("noyo-listener: error: needs Python 3.9 or newer, this is %s (%s); "
+                     "run it with python3.9 or later" % (sys.version.split()[0], sys.executable))
+
 import _thread
 import argparse
 import base64
+import bisect
 import collections
 import configparser
 import dataclasses
@@ -39,7 +50,6 @@ import signal
 import socket
 import sqlite3
 import ssl
-import sys
 import tempfile
 import threading
 import time
@@ -58,6 +68,10 @@ USER_AGENT = f"noyo-listener/{__version__}"
 # The example ini ships this secret so the listener runs as is on a laptop.
 # `serve` warns loudly while it is configured: anyone can read it here.
 DEVELOPMENT_SECRET = "noyo-listener-development-secret-change-me"
+
+# dataclass(slots=True) arrived in Python 3.10. On 3.9 these small records are
+# plain dataclasses: the same fields and behaviour, a little more memory each.
+_SLOTS: dict[str, bool] = {"slots": True} if sys.version_info >= (3, 10) else {}
 
 
 # --- Configuration ---------------------------------------------------------
@@ -138,6 +152,8 @@ def _url_path(text: str) -> str:
         raise ValueError("must start with / and contain no spaces")
     if text == "/healthz":
         raise ValueError("/healthz is reserved for the health check")
+    if text == "/metrics":
+        raise ValueError("/metrics is reserved for Prometheus")
     return text
 
 
@@ -611,11 +627,17 @@ def utc_iso(timestamp: float | None = None) -> str:
     return f"{_UTC_SECONDS.text(whole)}.{int((timestamp - whole) * 1000):03d}Z"
 
 
+_FRACTION_RE = re.compile(r"(?<=:\d\d)\.(\d+)")
+
+
 def parse_utc_iso(text: str) -> float:
     """Seconds since the epoch of an ISO 8601 timestamp (naive means UTC)."""
     text = text.strip()
     if text[-1:] in ("Z", "z"):  # fromisoformat reads "Z" only from Python 3.11 on
         text = text[:-1] + "+00:00"
+    # Before 3.11, fromisoformat reads only 3 or 6 fraction digits; give it 6 so
+    # "...:45.1Z" or "...:45.0395871+00:00" mean the same on every Python.
+    text = _FRACTION_RE.sub(lambda m: "." + (m.group(1) + "00000")[:6], text, count=1)
     parsed = dt.datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.timezone.utc)
@@ -1316,7 +1338,7 @@ _INSERT_DELIVERY = """
 """
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(**_SLOTS)
 class Delivery:
     """How one authentic POST arrived (a row of ``deliveries``)."""
 
@@ -1644,7 +1666,7 @@ FORM_BODY = "body"
 MAX_SIGNATURES = 16  # more entries in one header are ignored (bounded work)
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(**_SLOTS)
 class SignatureMatch:
     secret_name: str
     form: str
@@ -1768,7 +1790,7 @@ class BadEvent(ValueError):
     """An authentic body that cannot be an event (answer 400)."""
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(**_SLOTS)
 class ParsedEvent:
     """What the ``events`` row needs from an authentic body."""
 
@@ -1863,6 +1885,329 @@ class RequestPolicy:
                    settings["server"]["max_body_bytes"], frozenset(settings.fetch))
 
 
+# Metrics (GET /metrics). Counters live in this process since it started;
+# the gauges read from the database come from a connection of their own,
+# read at most every few seconds by a low-priority thread (DatabaseGauges),
+# so a scrape never waits for, or takes the CPU from, an acknowledgement.
+
+# Every reason a 401, 400 or 413 is logged with, and counted under in
+# noyo_listener_rejected_total. A new reason is one more line here (a reason
+# missing from this tuple is counted as "other": tests/test_metrics.py fails).
+REJECT_REASONS = (
+    "bad_content_length",         # 400: Content-Length is not a number
+    "body_too_large",             # 413: Content-Length over max_body_bytes
+    "no_signature",               # 401
+    "no_matching_signature",      # 401
+    "no_timestamp",               # 401: check_timestamp
+    "bad_timestamp",              # 401
+    "timestamp_too_old",          # 401
+    "timestamp_in_future",        # 401
+    "body_is_not_UTF-8_JSON",     # 400: BadEvent, spaces made underscores
+    "body_is_not_a_JSON_object",  # 400
+    "bad_request",                # 400 from waitress (broken framing), before the app sees the request
+    "request_entity_too_large",   # 413 from waitress (a chunked body over the limit)
+    "request_header_fields_too_large",  # 431 from waitress
+)
+# The kinds Noyo documents today (SPEC, Facts about Noyo); [fetch] and [lists]
+# keys are added at start. Any other kind is labelled "other".
+NOYO_KINDS = ("difference", "member_snapshot", "member_snapshot_carrier_fulfillment_status", "group",
+              "group_connection_request", "group_disconnection_request", "test")
+API_STATES = ("healthy", "backing_off", "auth_failed", "fetching_off")
+EVENT_STATUSES = ("pending", "done", "ignored", "dead")
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Idle, an ack takes about a millisecond; under load p99 is 10-40 ms (bench/README.md).
+ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _label_value(value: Any) -> str:
+    """A label value as the text format wants it quoted: backslash, quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample_value(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class Metrics:
+    """This process's counters and ack histogram, and the text Prometheus reads.
+
+    Each update takes one lock for a dict update or two (well under a
+    microsecond): read-modify-write of a dict entry is not atomic under the
+    GIL, and a lost increment would make a counter lie. Label values come
+    from bounded sets only (known kinds, REJECT_REASONS, status codes the
+    program itself sends), so no sender can create series.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kinds: frozenset = frozenset(NOYO_KINDS)
+        self._reasons = frozenset(REJECT_REASONS)
+        self._requests: dict[str, int] = {code: 0 for code in ("200", "400", "401", "413", "503")}
+        self._rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self._received: dict[tuple[str, str], int] = {}
+        self._ack_counts = [0] * (len(ACK_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
+        self._ack_sum = 0.0
+        self._fetches: dict[tuple[str, str], int] = {}
+        self._sync_new: dict[str, int] = {}
+        self._last_sync: dict[str, float] = {}
+
+    def configure(self, fetch_kinds: Iterable[str], list_kinds: Iterable[str] = ()) -> None:
+        """Add the [fetch] and [lists] kinds to the known ones; start their series at 0."""
+        list_kinds = list(list_kinds)
+        with self._lock:
+            self._kinds = frozenset(NOYO_KINDS) | frozenset(fetch_kinds) | frozenset(list_kinds)
+            for kind in (*sorted(self._kinds), "other"):
+                for duplicate in ("false", "true"):
+                    self._received.setdefault((kind, duplicate), 0)
+            for kind in list_kinds:
+                self._sync_new.setdefault(kind, 0)
+                self._last_sync.setdefault(kind, 0.0)
+
+    def kind_label(self, kind: str) -> str:
+        return kind if kind in self._kinds else "other"
+
+    def acknowledged(self, event_type: str, duplicate: bool, seconds: float) -> None:
+        """A 200 for an event, ``seconds`` after its request reached the handler."""
+        key = (self.kind_label(event_kind(event_type)), "true" if duplicate else "false")
+        bucket = bisect.bisect_left(ACK_BUCKETS, seconds)
+        with self._lock:
+            self._requests["200"] += 1
+            self._received[key] = self._received.get(key, 0) + 1
+            self._ack_counts[bucket] += 1
+            self._ack_sum += seconds
+
+    def rejected(self, status: int, reason: str) -> None:
+        """A 401/400/413 (or waitress's own 400/413/431) with the reason its log line gives."""
+        reason = reason if reason in self._reasons else "other"
+        code = str(status)
+        with self._lock:
+            self._requests[code] = self._requests.get(code, 0) + 1
+            self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    def answered(self, status: int) -> None:
+        """Any other answer worth counting (503, 404, 405, 500)."""
+        code = str(status)
+        with self._lock:
+            self._requests[code] = self._requests.get(code, 0) + 1
+
+    def fetched(self, kind: str, outcome: str) -> None:
+        """The worker got an answer for one object GET: ``ok`` or the failure's kind."""
+        key = (self.kind_label(kind), outcome)
+        with self._lock:
+            self._fetches[key] = self._fetches.get(key, 0) + 1
+
+    def sync_finished(self, kind: str, new_objects: int, finished_at: float | None = None) -> None:
+        """A reconciliation pass of ``kind`` completed, finding ``new_objects``
+        no webhook announced (``finished_at``: unix seconds, default now)."""
+        kind = self.kind_label(kind)
+        with self._lock:
+            self._sync_new[kind] = self._sync_new.get(kind, 0) + int(new_objects)
+            self._last_sync[kind] = max(self._last_sync.get(kind, 0.0),
+                                        time.time() if finished_at is None else float(finished_at))
+
+    def exposition(self, database: "DatabaseReading | None" = None, api_state: str | None = None) -> bytes:
+        """Every metric in the Prometheus text format 0.0.4."""
+        with self._lock:
+            requests, rejected, received = dict(self._requests), dict(self._rejected), dict(self._received)
+            ack_counts, ack_sum = list(self._ack_counts), self._ack_sum
+            fetches, sync_new, last_sync = dict(self._fetches), dict(self._sync_new), dict(self._last_sync)
+        if database is not None:
+            for kind, finished in database.last_sync.items():
+                kind = self.kind_label(kind)
+                # syncs is the record (also of `sync` run by another process), unless
+                # this process finished a pass after the reading was taken.
+                if last_sync.get(kind, 0.0) <= database.taken_at:
+                    last_sync[kind] = finished
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, dict, float]]) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            for suffix, labels, value in samples:
+                text = ",".join(f'{key}="{_label_value(val)}"' for key, val in labels.items())
+                out.append(f"{name}{suffix}{{{text}}} {_sample_value(value)}" if text
+                           else f"{name}{suffix} {_sample_value(value)}")
+
+        family("noyo_listener_requests_total", "counter",
+               "Requests answered, by HTTP status (health checks and scrapes not counted).",
+               (("", {"code": code}, n) for code, n in sorted(requests.items())))
+        family("noyo_listener_rejected_total", "counter",
+               "Requests refused with 401, 400 or 413, by the reason the log line gives.",
+               (("", {"reason": reason}, n) for reason, n in sorted(rejected.items())))
+        family("noyo_listener_events_received_total", "counter",
+               "Authentic events acknowledged, by kind (type before the first dot) and whether already seen.",
+               (("", {"kind": kind, "duplicate": dup}, n) for (kind, dup), n in sorted(received.items())))
+        cumulative, buckets = 0, []
+        for bound, count in zip((*ACK_BUCKETS, math.inf), ack_counts):
+            cumulative += count
+            buckets.append(("_bucket", {"le": "+Inf" if math.isinf(bound) else repr(bound)}, cumulative))
+        family("noyo_listener_ack_seconds", "histogram",
+               "Seconds from a POST reaching the handler to its 200 answer (200s only).",
+               [*buckets, ("_sum", {}, ack_sum), ("_count", {}, cumulative)])
+        # Without a database reading (or a worker) a family is announced without samples.
+        family("noyo_listener_events", "gauge", "Rows of the events table, by status.",
+               () if database is None else (("", {"status": status}, database.events.get(status, 0))
+                                            for status in sorted({*EVENT_STATUSES, *database.events})))
+        family("noyo_listener_oldest_pending_seconds", "gauge",
+               "Age of the oldest pending event in seconds (0 when none is pending).",
+               () if database is None else [("", {}, database.oldest_pending_age())])
+        family("noyo_listener_fetches_total", "counter", "Object GETs to the Noyo API, by kind and outcome.",
+               (("", {"kind": kind, "outcome": outcome}, n) for (kind, outcome), n in sorted(fetches.items())))
+        family("noyo_listener_api_state", "gauge", "The worker's view of the Noyo API: 1 for the current state.",
+               () if api_state is None else (("", {"state": state}, int(state == api_state)) for state in
+                                             (*API_STATES, *((api_state,) if api_state not in API_STATES else ()))))
+        family("noyo_listener_sync_new_objects_total", "counter",
+               "Objects reconciliation found that no webhook announced, by kind.",
+               (("", {"kind": kind}, n) for kind, n in sorted(sync_new.items())))
+        family("noyo_listener_last_sync_timestamp_seconds", "gauge",
+               "Unix time the last completed reconciliation pass of a kind finished (0: none yet).",
+               (("", {"kind": kind}, finished) for kind, finished in sorted(last_sync.items())))
+        family("noyo_listener_build_info", "gauge", "The running version; always 1.",
+               [("", {"version": __version__, "python": "%d.%d.%d" % sys.version_info[:3]}, 1)])
+        return ("\n".join(out) + "\n").encode("utf-8")
+
+
+METRICS = Metrics()  # the process's one registry; the worker and reconciliation report into it too
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseReading:
+    """What one look at the database found, for the gauges."""
+
+    events: dict[str, int]
+    oldest_pending_at: float | None  # unix seconds of the oldest pending event's arrival
+    last_sync: dict[str, float]  # kind -> unix seconds its last completed pass finished
+    taken_at: float  # unix seconds the reading started
+
+    def oldest_pending_age(self) -> float:
+        return 0.0 if self.oldest_pending_at is None else max(0.0, round(time.time() - self.oldest_pending_at, 3))
+
+
+def read_pending(conn: sqlite3.Connection) -> tuple[int, float | None]:
+    """How many events are pending, and when the oldest arrived: through the
+    partial index ``events_due``, so it costs what the backlog is, not the table."""
+    count, first = conn.execute("SELECT COUNT(*), MIN(received_at) FROM events WHERE status = 'pending'").fetchone()
+    return count, parse_utc_iso(first) if first else None
+
+
+def read_event_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Rows of ``events`` by status: a scan of the whole table (0.65 s at a
+    million rows; an index on status would cost every acknowledgement)."""
+    return dict(conn.execute("SELECT status, COUNT(*) FROM events GROUP BY status").fetchall())
+
+
+def read_last_syncs(conn: sqlite3.Connection) -> dict[str, float]:
+    """When the last completed reconciliation pass of each kind finished, if
+    there is a ``syncs`` table (SPEC, Reconciliation)."""
+    last_sync: dict[str, float] = {}
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'syncs'").fetchone():
+        for kind, finished in conn.execute(
+                "SELECT kind, MAX(finished_at) FROM syncs WHERE status = 'done' GROUP BY kind"):
+            try:
+                last_sync[kind] = parse_utc_iso(finished)
+            except (TypeError, ValueError, AttributeError):
+                continue
+    return last_sync
+
+
+class DatabaseGauges:
+    """The gauges' database reading, kept fresh for scrapes without costing acks.
+
+    One thread of its own takes each reading on its own read connection
+    (never the writer's), at a low CPU priority (nice 10: about a tenth of
+    the CPU a request thread gets when the core is busy). Not nice 19: a
+    reading starved for a minute would hold its WAL snapshot that long, and
+    the WAL could not be checkpointed meanwhile.
+
+    What the alerts need (pending count, oldest pending) is cheap and read
+    at most every ``MIN_AGE`` seconds. The other statuses need a scan of
+    ``events``, read at most every ``COUNTS_MIN_AGE`` seconds. Each is also
+    reused ``COST_FACTOR`` times as long as it took, so frequent scrapes of
+    a large database cost at most about 3% of a core. A scrape that finds
+    the reading old asks for a new one and waits up to ``WAIT`` seconds for
+    it, else answers with the previous one.
+    """
+
+    NICE = 10
+    MIN_AGE = 5.0
+    COUNTS_MIN_AGE = 30.0
+    COST_FACTOR = 30
+    WAIT = 1.0
+    LOG_EVERY = 60.0
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.reading: DatabaseReading | None = None
+        self._due = 0.0  # monotonic time after which a scrape asks for a new reading
+        self._counts: dict[str, int] | None = None  # by status, from the last scan
+        self._counts_due = 0.0
+        self._taken = 0  # readings taken (or failed) so far
+        self._changed = threading.Condition()
+        self._wanted = threading.Event()
+        self._busy = False  # a reading is being taken: scrapes wait for it rather than ask for another
+        self._thread: threading.Thread | None = None
+        self._error_logged = -math.inf
+
+    def current(self) -> DatabaseReading | None:
+        """The latest reading (None until the first succeeds, or after a failure)."""
+        if time.monotonic() < self._due:
+            return self.reading
+        with self._changed:
+            taken = self._taken
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="noyo-metrics", daemon=True)
+                self._thread.start()
+            if not self._busy:
+                self._wanted.set()
+            self._changed.wait_for(lambda: self._taken != taken, self.WAIT)
+        return self.reading
+
+    def _take(self, conn: sqlite3.Connection) -> tuple[DatabaseReading, float]:
+        """A new reading, and the monotonic time after which the next is due."""
+        started, taken_at = time.monotonic(), time.time()
+        if self._counts is None or started >= self._counts_due:
+            self._counts = read_event_counts(conn)
+            self._counts_due = time.monotonic() + max(self.COUNTS_MIN_AGE,
+                                                      self.COST_FACTOR * (time.monotonic() - started))
+        cheap = time.monotonic()
+        pending, oldest = read_pending(conn)
+        reading = DatabaseReading({**self._counts, "pending": pending}, oldest, read_last_syncs(conn), taken_at)
+        return reading, time.monotonic() + max(self.MIN_AGE, self.COST_FACTOR * (time.monotonic() - cheap))
+
+    def _run(self) -> None:
+        try:  # Linux: a thread is a task with its own nice value; raising it needs no privilege
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.NICE)
+        except (AttributeError, OSError):
+            pass
+        conn: sqlite3.Connection | None = None
+        while True:
+            self._wanted.wait()
+            with self._changed:
+                self._wanted.clear()
+                self._busy = True
+            try:
+                conn = conn or self.store.read()
+                reading, due = self._take(conn)
+            except (sqlite3.Error, StoreError, ValueError) as exc:
+                reading, due, self._counts = None, time.monotonic() + self.MIN_AGE, None
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                if time.monotonic() - self._error_logged > self.LOG_EVERY:
+                    self._error_logged = time.monotonic()
+                    logger.warning("metrics cannot read the database; events gauges left out error=%s", exc)
+            with self._changed:  # reading before due: a scrape never sees a new due with an old reading
+                self.reading = reading
+                self._due = due
+                self._taken += 1
+                self._busy = False
+                self._changed.notify_all()
+
+
 class SharedCheck:
     """Single-flight: one call of ``check`` runs at a time; callers that arrive
     meanwhile wait for it and share its result; a healthy result stays fresh
@@ -1918,6 +2263,8 @@ class Receiver:
         self.policy = RequestPolicy.from_settings(settings)
         self._health = SharedCheck(self._check_health, fresh=self.HEALTH_FRESH,
                                    wait=store.busy_timeout * 2 + 5)
+        METRICS.configure(settings.fetch, settings.lists)
+        self.database_gauges = DatabaseGauges(store)
         self.app = self._build_app()
 
     def _build_app(self) -> bottle.Bottle:
@@ -1925,6 +2272,7 @@ class Receiver:
         app.config["json.enable"] = False  # answers are pre-encoded bytes
         app.route(self.path, "POST", self.receive_webhook)
         app.route("/healthz", "GET", self.healthz)
+        app.route("/metrics", "GET", self.metrics)
         for code in (404, 405, 500):
             app.error(code)(self._error_page)
         return app
@@ -1944,6 +2292,7 @@ class Receiver:
     def _reject(self, status: int, reason: str, environ: dict, started: float, message: str) -> bottle.HTTPResponse:
         self._log_request(logging.WARNING, environ, status, started,
                           f"reason={reason} trace={log_value(environ.get('HTTP_X_CLOUD_TRACE_CONTEXT'))}")
+        METRICS.rejected(status, reason)
         return self._answer(status, _json_error(message))
 
     def receive_webhook(self) -> bottle.HTTPResponse:
@@ -1986,12 +2335,14 @@ class Receiver:
         except StoreError as exc:
             self._log_request(logging.ERROR, environ, 503, started,
                               f"{event_fields} reason=not_stored error={log_value(str(exc))}")
+            METRICS.answered(503)
             return self._answer(503, _json_error("cannot store the event now; retry later"))
         self._log_request(logging.INFO, environ, 200, started,
                           f"{event_fields} stored={parsed.status} duplicate={int(duplicate)} "
                           f"secret={log_value(match.secret_name)} form={match.form}")
         if not duplicate and parsed.status == "pending" and self.worker is not None:
             self.worker.wake_for_new_event()
+        METRICS.acknowledged(parsed.type, duplicate, time.perf_counter() - started)
         return self._answer(200, _OK_DUPLICATE if duplicate else _OK)
 
     def health_problems(self) -> list[str]:
@@ -2030,6 +2381,16 @@ class Receiver:
         self._log_request(logging.DEBUG, environ, 200, started, "check=healthz")
         return self._answer(200, _OK)
 
+    def metrics(self) -> bottle.HTTPResponse:
+        """GET /metrics: the Prometheus text format; no auth (keep it off the TLS proxy)."""
+        started = time.perf_counter()
+        worker = self.worker
+        api_state = None if worker is None else (worker.health.state if worker.client is not None else "fetching_off")
+        body = METRICS.exposition(self.database_gauges.current(), api_state)
+        # A scrape every 15 s would flood the journal at INFO: DEBUG, like /healthz.
+        self._log_request(logging.DEBUG, bottle.request.environ, 200, started, "check=metrics")
+        return bottle.HTTPResponse(body=body, status=200, headers=[("Content-Type", METRICS_CONTENT_TYPE)])
+
     def _error_page(self, error: bottle.HTTPError) -> bytes:
         environ = bottle.request.environ
         if error.status_code == 500:
@@ -2037,6 +2398,7 @@ class Receiver:
         else:
             reason = "_".join(error.status_line.split(" ", 1)[1].lower().split())  # not_found, method_not_allowed
             self._log_request(logging.INFO, environ, error.status_code, None, f"reason={reason}")
+        METRICS.answered(error.status_code)
         bottle.response.content_type = "application/json"
         return _json_error(error.status_line.split(" ", 1)[1].lower())
 
@@ -2050,6 +2412,7 @@ class _LoggedErrorTask(waitress.task.ErrorTask):
         logger.warning("request rejected by the http layer status=%d reason=%s remote=%s",
                        error.code, log_value("_".join(error.reason.lower().split())),
                        log_value(self.channel.addr[0] if self.channel.addr else None))
+        METRICS.rejected(error.code, "_".join(error.reason.lower().split()))
         super().execute()
 
 
@@ -2235,11 +2598,13 @@ class _HttpPool:
                 data = response.read()
             except (http.client.HTTPException, OSError) as exc:
                 conn.close()
-                if fired.is_set():
+                # A socket operation that timed out has waited the whole timeout
+                # too. (socket.timeout is TimeoutError only from Python 3.10 on.)
+                if fired.is_set() or isinstance(exc, (TimeoutError, socket.timeout)):
                     raise TimeoutError(f"no complete answer within {self.timeout:g}s") from None
                 # A kept-alive connection the server already closed fails at
                 # once; retry that on a fresh one, but never a timeout.
-                if reused and not isinstance(exc, TimeoutError):
+                if reused:
                     continue
                 raise
             finally:
@@ -3025,8 +3390,10 @@ class Fetchers:
         try:
             obj = self.client.fetch(url, claim.data_id)
         except FetchError as error:
+            METRICS.fetched(claim.kind, error.kind)
             self.health.record(error, claim.key)
             return self._failed(claim, error)
+        METRICS.fetched(claim.kind, "ok")
         self.health.success()
         return self.recorder.fetched(claim, obj, self.policy.decide("done", 0, None, time.time()), started)
 
@@ -3397,6 +3764,7 @@ class SyncPass:
             raise SyncError(f"sync of {self.kind} failed: {error}") from exc
         self.seconds = time.monotonic() - started
         self._finish("done", None)
+        METRICS.sync_finished(self.kind, self.counts["new"])
         counts = " ".join(f"{name}={self.counts[name]}" for name in SYNC_COUNTS)
         logger.info("sync pass done kind=%s id=%d %s requests=%d seconds=%.1f", self.kind, self.sync_id, counts,
                     self.requests, self.seconds)
@@ -4091,6 +4459,163 @@ def _warn_about_development_secret(settings: Settings) -> None:
                 "events. Set [webhook] secrets (or NOYO_WEBHOOK_SECRETS) to your Noyo subscription secret !!!", name)
 
 
+# --- bundle: one file for a VM without pip ---------------------------------
+# Only `bundle` needs zipfile and importlib.metadata; they are imported there
+# so that every other command starts as before.
+
+BUNDLED_DEPENDENCIES = ("bottle", "waitress")
+
+# The bundle's entry point. Kept to syntax that any Python parses (no f-strings),
+# so that an interpreter older than 3.9 says so in one line before it meets the
+# module. Python puts the archive itself first on sys.path (after site and any
+# .pth or sitecustomize has run, with -I and -P too), so the bundled bottle and
+# waitress win over any the VM has installed (a test checks).
+BUNDLE_MAIN = '''\
+# noyo-listener bundle: python3 THIS_FILE [--config PATH] COMMAND
+import sys
+
+if sys.version_info < (3, 9):
+    sys.stderr.write("noyo-listener: error: needs Python 3.9 or newer, this is %s (%s); "
+                     "run the bundle with python3.9 or later\\n" % (sys.version.split()[0], sys.executable))
+    sys.exit(1)
+
+import noyo_listener  # noqa: E402
+
+sys.exit(noyo_listener.main())
+'''
+
+
+class BundleError(Exception):
+    """`bundle` cannot write a correct bundle; the message says why and what to do."""
+
+
+def pinned_requirements(path: str) -> dict[str, str]:
+    """``name==version`` pins of a requirements file, names normalised (PEP 503)."""
+    pins: dict[str, str] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            requirement = line.split("#", 1)[0].split(";", 1)[0].strip()
+            name, sep, version = requirement.partition("==")
+            if sep and name.strip():
+                pins[re.sub(r"[-_.]+", "-", name.strip()).lower()] = version.strip()
+    return pins
+
+
+def _dependency_sources(name: str, pinned: str) -> tuple[str, list[tuple[str, str]]]:
+    """The installed version of one dependency and its source files as (path on disk, name in the bundle).
+
+    Refuses a version other than the pinned one, and a module that is not the
+    one its installed distribution describes (shadowed on ``sys.path``).
+    """
+    import importlib
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version(name)
+        module = importlib.import_module(name)
+    except (importlib.metadata.PackageNotFoundError, ImportError):
+        raise BundleError(f"{name} is not installed in this Python ({sys.executable}); "
+                          f"run bundle with the venv's python after pip install -r requirements.txt") from None
+    if version != pinned:
+        raise BundleError(f"{name} {version} is installed but requirements.txt pins {pinned}; "
+                          f"run pip install -r requirements.txt in this venv, then bundle again")
+    origin = os.path.realpath(module.__file__ or "")
+    distribution = importlib.metadata.distribution(name)
+    recorded = {os.path.realpath(str(distribution.locate_file(f))) for f in (distribution.files or ())}
+    if origin not in recorded:
+        raise BundleError(f"{name} imports from {origin}, which is not the installed {name} {version}; "
+                          f"remove it from the path (PYTHONPATH, current directory) and bundle again")
+    # Their licences ask that the notice travel with every copy.
+    files = [(str(distribution.locate_file(f)), f"licenses/{name}/{f.name}") for f in distribution.files or ()
+             if re.match(r"(LICEN[CS]E|COPYING|NOTICE)", f.name, re.IGNORECASE)]
+    if os.path.basename(origin) != "__init__.py":
+        return version, [(origin, os.path.basename(origin))] + files
+    package_dir = os.path.dirname(origin)
+    base = os.path.dirname(package_dir)
+    for folder, subfolders, names in os.walk(package_dir):
+        subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
+        files.extend((os.path.join(folder, n), os.path.relpath(os.path.join(folder, n), base))
+                     for n in sorted(names) if n.endswith(".py"))
+    return version, files
+
+
+def write_bundle(out: str, members: list[tuple[str, bytes]]) -> int:
+    """Write an executable zipapp to ``out`` atomically; never replaces an existing file.
+
+    The archive is built in a temporary file beside ``out`` and hard-linked to
+    its name: the link fails if ``out`` exists, so a file that appeared since
+    the check is not overwritten either, and no half-written bundle is ever
+    seen under the real name. Returns the size in bytes.
+    """
+    import zipfile
+
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+    except OSError as exc:
+        raise BundleError(f"cannot create {out}: {exc.strerror}") from None
+    try:
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"#!/usr/bin/env python3\n")
+                with zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for arcname, data in members:
+                        info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))  # same input, same bytes
+                        info.compress_type = zipfile.ZIP_DEFLATED
+                        info.external_attr = 0o644 << 16
+                        archive.writestr(info, data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temp, 0o755)
+        except OSError as exc:
+            raise BundleError(f"cannot write {temp}: {exc.strerror}") from None
+        try:
+            os.link(temp, out)
+        except FileExistsError:
+            raise BundleError(f"{out} already exists; choose a new name (bundle never overwrites)") from None
+        except OSError as exc:
+            raise BundleError(f"cannot create {out}: {exc.strerror}") from None
+        return os.path.getsize(out)
+    finally:
+        os.unlink(temp)
+
+
+def build_bundle(out: str) -> str:
+    """Bundle this module with the installed, pinned bottle and waitress into ``out``; return a summary."""
+    module_path = os.path.realpath(__file__)
+    if os.path.lexists(out):
+        raise BundleError(f"{out} already exists; choose a new name (bundle never overwrites)")
+    requirements = os.path.join(os.path.dirname(module_path), "requirements.txt")
+    if not os.path.isfile(requirements):
+        raise BundleError(f"bundle needs requirements.txt beside noyo_listener.py (not found at {requirements}); "
+                          f"run it from a checkout with its venv: .venv/bin/python noyo_listener.py bundle OUT")
+    pins = pinned_requirements(requirements)
+    with open(module_path, "rb") as handle:
+        members = [("__main__.py", BUNDLE_MAIN.encode()), ("noyo_listener.py", handle.read())]
+    versions = []
+    for name in BUNDLED_DEPENDENCIES:
+        if name not in pins:
+            raise BundleError(f"{requirements} pins no version of {name} (expected a line {name}==VERSION)")
+        version, files = _dependency_sources(name, pins[name])
+        versions.append(f"{name} {version}")
+        for path, arcname in files:
+            with open(path, "rb") as handle:
+                members.append((arcname.replace(os.sep, "/"), handle.read()))
+    size = write_bundle(out, members)
+    return (f"wrote {out}: noyo-listener {__version__}, {', '.join(versions)}, {size} bytes; "
+            f"run it with: python3 {out} serve")
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Write a one-file zipapp of the program and its pinned dependencies (needs no config)."""
+    try:
+        print(build_bundle(args.out))
+    except BundleError as exc:
+        print(f"noyo-listener: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def existing_database(settings: Settings) -> str:
     """The database path, which must exist already (only `serve` creates it)."""
     path = settings["database"]["path"]
@@ -4538,6 +5063,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ).set_defaults(func=cmd_serve, needs=SERVE_NEEDS)
     commands.add_parser("check-config", help="validate the ini and print the effective settings"
                         ).set_defaults(func=cmd_check_config, needs=SERVE_NEEDS)
+    bundle = commands.add_parser("bundle", help="write one executable file with this program, bottle and waitress")
+    bundle.add_argument("out", metavar="OUT", help="new file to write, e.g. noyo-listener.pyz (never overwritten)")
+    bundle.set_defaults(func=cmd_bundle)  # reads no ini: needs no config and no secrets
 
     status = commands.add_parser("status", help="counts, ages, dead letters and API state")
     status.add_argument("--json", action="store_true", help="machine-readable output")

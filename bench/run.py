@@ -7,6 +7,7 @@ Every figure is compared with a baseline measured in the same run.
 
     python3 bench/run.py            # full run (~10 min)
     python3 bench/run.py --quick    # under 2 minutes
+    python3 bench/run.py --parts scrape   # acks/s with and without a /metrics scraper
 """
 
 from __future__ import annotations
@@ -267,6 +268,93 @@ def rss_figure(tmp: Path, events: int) -> None:
     say(f"rss_peak_mib={peak / 1024:.1f} after_events={result['ok']} idle_mib={idle / 1024:.1f}")
 
 
+class Scraper:
+    """GET /metrics every ``interval`` seconds, as Prometheus would, from the client's CPU."""
+
+    def __init__(self, port: int, interval: float = 1.0) -> None:
+        self.port, self.interval = port, interval
+        self.durations: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Scraper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        import http.client
+        os.sched_setaffinity(0, {CLIENT_CPU})
+        while True:
+            started = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/metrics")
+                response = conn.getresponse()
+                body = response.read()
+                conn.close()
+                if response.status != 200 or b"noyo_listener_events{" not in body:
+                    self.failures += 1
+            except OSError:
+                self.failures += 1
+            self.durations.append(time.perf_counter() - started)
+            if self._stop.wait(max(0.0, self.interval - (time.perf_counter() - started))):
+                return
+
+
+def scrape_figure(tmp: Path, seconds: float, rounds: int) -> None:
+    """acks/s with and without a scraper hitting /metrics every second: one
+    listener, pinned, load alternating between the two conditions in rounds
+    (order swapped every round, so the growing table hits both alike)."""
+    server = listener(write_ini(tmp, "scrape"), {SERVER_CPU})
+    results: dict[str, list[dict]] = {"without": [], "with": []}
+    cpu: dict[str, list[float]] = {"without": [], "with": []}  # the listener's CPU seconds per ack
+
+    def cpu_seconds() -> float:  # utime + stime of the whole process, all threads
+        fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    scrapes: list[float] = []
+    failures = 0
+    try:
+        for number in range(rounds):
+            for condition in (("without", "with") if number % 2 == 0 else ("with", "without")):
+                used = cpu_seconds()
+                if condition == "without":
+                    results[condition].append(drive(server.port, 16, seconds, {CLIENT_CPU}))
+                else:
+                    with Scraper(server.port) as scraper:
+                        results[condition].append(drive(server.port, 16, seconds, {CLIENT_CPU}))
+                    scrapes += scraper.durations
+                    failures += scraper.failures
+                cpu[condition].append((cpu_seconds() - used) / max(1, results[condition][-1]["ok"]))
+        # The gauge thread is the one task of the process at nice 10 (noyo_listener.DatabaseGauges).
+        gauge_cpu = 0.0
+        for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[16]) == 10:
+                gauge_cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total_cpu = cpu_seconds()
+    finally:
+        server.stop()
+    with sqlite3.connect(tmp / "scrape.sqlite3") as conn:
+        rows = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    for name, runs in results.items():
+        say(f"listener c=16 pinned scraper={name} rps={median([r['rps'] for r in runs]):.0f} "
+            f"p99_ms={median([r['p99_ms'] for r in runs]):.1f} cpu_us_per_ack={median(cpu[name]) * 1e6:.0f} "
+            f"(median of {rounds} rounds)")
+    ratios = [w["rps"] / o["rps"] for o, w in zip(results["without"], results["with"]) if o["rps"]]
+    say(f"scrape_ratio={median(ratios):.2f} round_ratios={','.join(f'{r:.2f}' for r in ratios)} "
+        f"scrapes={len(scrapes)} scrape_failures={failures} scrape_p50_ms={median(scrapes) * 1000:.1f} "
+        f"scrape_max_ms={max(scrapes) * 1000:.1f} rows_at_end={rows} "
+        f"cpu_per_ack_ratio={median(cpu['with']) / median(cpu['without']):.2f} "
+        f"gauge_thread_cpu_s={gauge_cpu:.2f} listener_cpu_s={total_cpu:.1f} "
+        "(acks/s with a scraper every second / acks/s without)")
+
+
 def drain_figures(tmp: Path, objects: int, latency: float) -> None:
     from fake_noyo import FakeNoyo
     for burst in (False, True):
@@ -393,8 +481,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="length of each HTTP run")
     parser.add_argument("--policy", choices=sorted(POLICIES), default="other",
                         help="both servers' scheduling policy (default: other, the kernel's and the unit's)")
-    parser.add_argument("--parts", default="drain,rss,bigtable,burst,http",
-                        help="comma-separated subset of: drain, rss, bigtable, burst, http (default: all)")
+    parser.add_argument("--parts", default="drain,rss,bigtable,scrape,burst,http",
+                        help="comma-separated subset of: drain, rss, bigtable, scrape, burst, http (default: all)")
     parser.add_argument("--burst-events", type=int, default=100_000, help="events in the burst figure")
     parser.add_argument("--burst-objects", type=int, default=0,
                         help="objects they point to (default: one per event, as a large member snapshot sends)")
@@ -421,6 +509,8 @@ def main() -> None:
                 rss_figure(tmp, 100_000)
             if "bigtable" in parts:
                 big_table_figure(tmp, 1_000_000, seconds, rounds=5)
+            if "scrape" in parts:
+                scrape_figure(tmp, seconds, rounds=6)
             if "burst" in parts:
                 burst_figure(tmp, args.burst_events, args.burst_objects or args.burst_events, 0.02, 8, limit=900)
             figures = http_figures(tmp, seconds, [64, 16], ["unpinned", "pinned"], rounds=5) if "http" in parts else {}

@@ -134,13 +134,15 @@ class Listener:
         self.base = ""
         self.path = ""
         self._log_offset = 0
+        # What runs the program; a test of the one-file bundle swaps in [python, bundle].
+        self.launcher = [sys.executable, str(MODULE)]
 
     def start(self, timeout: float = 20.0) -> "Listener":
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         env = _clean_environ()
         env.update(self.env)
-        self.proc = subprocess.Popen([sys.executable, str(MODULE), "--config", str(self.ini), "serve"],
+        self.proc = subprocess.Popen([*self.launcher, "--config", str(self.ini), "serve"],
                                      stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout
