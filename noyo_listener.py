@@ -337,6 +337,13 @@ def _read_secret_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str]
     found: dict[str, tuple[str, str]] = {}
     for name in _SECRET_SOURCES:
         if environ.get(name):
+            # Python hands undecodable bytes of the environment over as lone
+            # surrogates; they would fail later, when the secret is used.
+            try:
+                environ[name].encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"environment variable {name} is not valid UTF-8 text; "
+                                  "set it again as UTF-8") from None
             found[name] = (environ[name], "environment")
     cred_dir = environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
@@ -349,6 +356,9 @@ def _read_secret_overrides(environ: dict[str, str]) -> dict[str, tuple[str, str]
                 continue
             except OSError as exc:
                 raise ConfigError(f"cannot read credential {path}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"credential {path} is not valid UTF-8 text; write it again as UTF-8 "
+                                  "(systemd-creds encrypt takes the plain text)") from None
             if value:  # an empty file means "not set", like an empty variable
                 found[name] = (value, "credential")
     return found
@@ -1563,13 +1573,31 @@ class InstanceLock:
             self._fd = None
 
 
+def open_backup(source: str) -> sqlite3.Connection:
+    """``source`` opened as a file nothing writes to (``immutable=1``): SQLite
+    then creates no -shm or -journal beside it, so a backup in a directory
+    this user cannot write (or one of an old version, still in WAL mode)
+    opens, and nothing is left behind. A WAL beside it would be ignored, so
+    such a source (a live database, not a backup) is refused."""
+    wal = source + "-wal"
+    if os.path.exists(wal) and os.path.getsize(wal) > 0:
+        raise StoreError(f"{source} has a write-ahead log beside it ({wal}): it is a live database, not a "
+                         "backup; copy it with `noyo_listener.py backup` first; nothing was changed")
+    return _open_immutable(source)
+
+
+def _open_immutable(path: str) -> sqlite3.Connection:
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?immutable=1"
+    return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+
 def check_backup(source: str) -> tuple[int, int]:
     """Refuse ``source`` unless it is an intact noyo-listener database of a
     schema this program understands; return (schema version, events)."""
     if not os.path.isfile(source):
         raise StoreError(f"{source} does not exist or is not a file; nothing was changed")
     try:
-        conn = connect(source, mode="readonly")
+        conn = open_backup(source)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open {source}: {exc}; nothing was changed") from None
     try:
@@ -1608,17 +1636,71 @@ def _unlink_if_present(path: str) -> None:
         pass
 
 
-def restore_database(source: str, target: str) -> None:
+def change_feed_high_water(path: str) -> int | None:
+    """The highest seq the change feed of the database at ``path`` has handed
+    out (AUTOINCREMENT's counter); None when there is no database, no feed or
+    nothing readable."""
+    if not os.path.isfile(path):
+        return None
+    wal = path + "-wal"
+    try:
+        if os.path.exists(wal) and os.path.getsize(wal) > 0:
+            # A crash left rows in its WAL, which immutable=1 would ignore. The
+            # -shm this may create goes with the old WAL before the rename.
+            conn = connect(path, mode="readonly")
+        else:
+            conn = _open_immutable(path)  # creates no root-owned -shm beside the service's database
+        try:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:  # damaged, or a schema without the feed: nothing to carry forward
+        return None
+    return row[0] if row else None
+
+
+def _carry_change_feed_forward(copy: sqlite3.Connection, high_water: int | None) -> int | None:
+    """Make the change feed of ``copy`` hand out seqs above ``high_water``;
+    return the copy's own high-water mark before (None: it has no feed).
+
+    An older backup has handed out fewer seqs than the database it replaces;
+    without this, new rows would get seqs a consumer already saved as its
+    bookmark, and `changes --since` would skip them. A backup whose schema
+    predates the feed gets the counter too: the migration that creates the
+    table later leaves an existing sqlite_sequence row alone."""
+    has_feed = copy.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'").fetchone() is not None
+    has_counter = copy.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone() is not None
+    row = copy.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone() if has_counter else None
+    own = row[0] if row else 0
+    if high_water is not None and high_water > own:
+        copy.execute("BEGIN IMMEDIATE")
+        if not has_counter:
+            # SQLite creates its counter table with the first AUTOINCREMENT table; it then stays.
+            copy.execute("CREATE TABLE restore_creates_sqlite_sequence (n INTEGER PRIMARY KEY AUTOINCREMENT)")
+            copy.execute("DROP TABLE restore_creates_sqlite_sequence")
+        if row is None:
+            copy.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('changes', ?)", (high_water,))
+        else:
+            copy.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'changes'", (high_water,))
+        copy.execute("COMMIT")
+    return own if has_feed else None
+
+
+def restore_database(source: str, target: str) -> tuple[int | None, int | None]:
     """Put a copy of ``source`` in place of the database ``target``; the caller
-    holds the instance lock (no `serve` runs).
+    holds the instance lock (no `serve` runs). Return (the replaced database's
+    change-feed high-water mark, the backup's own), None where there is none.
 
     The copy is written through SQLite's backup API into a temporary file in
-    the target's directory (mode 0600, owned like the directory), checked,
+    the target's directory (mode 0600, owned like the directory), its change
+    feed's seq counter carried forward to the replaced database's, checked,
     made self-contained (no WAL) and fsynced, then renamed over the target:
     at every moment the target is the old database or the whole new one.
     """
     directory = os.path.dirname(os.path.abspath(target))
     require_directory_of(target)
+    replaced_high_water = change_feed_high_water(target)
     fd, temporary = tempfile.mkstemp(prefix=os.path.basename(target) + ".restore-", suffix=".tmp", dir=directory)
     renamed = False
     try:
@@ -1627,10 +1709,11 @@ def restore_database(source: str, target: str) -> None:
             own_like_directory(fd, directory)
         finally:
             os.close(fd)
-        source_conn = connect(source, mode="readonly")
+        source_conn = open_backup(source)
         copy = sqlite3.connect(temporary, isolation_level=None)
         try:
             source_conn.backup(copy)  # one step: a single consistent snapshot
+            backup_high_water = _carry_change_feed_forward(copy, replaced_high_water)
             check = copy.execute("PRAGMA quick_check").fetchone()[0]
             # The copy must be one file: a WAL beside it would not follow the rename.
             journal = copy.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
@@ -1648,6 +1731,7 @@ def restore_database(source: str, target: str) -> None:
         os.replace(temporary, target)
         renamed = True
         _fsync_path(directory)  # the rename itself survives a power loss
+        return replaced_high_water, backup_high_water
     except sqlite3.Error as exc:
         raise StoreError(f"restore of {source} failed: {exc}; nothing was changed") from None
     except OSError as exc:
@@ -1741,11 +1825,30 @@ def check_timestamp(header: str | None, now: float, max_age: float, max_skew: fl
         sent = parse_utc_iso(header)
     except ValueError:
         return "bad_timestamp"
-    age = now - sent
+    return _age_reason("timestamp", now - sent, max_age, max_skew)
+
+
+def check_signed_created(created: int | float | None, now: float, max_age: float, max_skew: float) -> str | None:
+    """Return why ``event.created`` is outside the window, or None if it is fine.
+
+    A body-form signature leaves ``x-noyo-timestamp`` unsigned, so a captured
+    body could be replayed with a fresh header; ``event.created`` is inside
+    the signed body, so the window is applied to it as well. An event without
+    a usable ``created`` cannot be dated, so in that form it is refused.
+    ``max_age`` of 0 turns the check off, as for the header.
+    """
+    if max_age <= 0:
+        return None
+    if created is None:
+        return "no_event_created"
+    return _age_reason("event_created", now - created, max_age, max_skew)
+
+
+def _age_reason(what: str, age: float, max_age: float, max_skew: float) -> str | None:
     if age > max_age:
-        return "timestamp_too_old"
+        return f"{what}_too_old"
     if -age > max_skew:
-        return "timestamp_in_future"
+        return f"{what}_in_future"
     return None
 
 
@@ -1902,6 +2005,9 @@ REJECT_REASONS = (
     "bad_timestamp",              # 401
     "timestamp_too_old",          # 401
     "timestamp_in_future",        # 401
+    "no_event_created",           # 401: body-form signature without a usable event.created (replay protection)
+    "event_created_too_old",      # 401: body-form signature, check_signed_created
+    "event_created_in_future",    # 401
     "body_is_not_UTF-8_JSON",     # 400: BadEvent, spaces made underscores
     "body_is_not_a_JSON_object",  # 400
     "bad_request",                # 400 from waitress (broken framing), before the app sees the request
@@ -2323,6 +2429,10 @@ class Receiver:
             parsed = parse_event(body, policy.fetch_kinds)
         except BadEvent as exc:
             return self._reject(400, str(exc).replace(" ", "_"), environ, started, str(exc))
+        if match.form == FORM_BODY:
+            replay = check_signed_created(parsed.created, time.time(), policy.max_age, policy.max_skew)
+            if replay is not None:
+                return self._reject(401, replay, environ, started, "unauthorized")
 
         delivery = Delivery(
             received_at=utc_iso(), noyo_timestamp=timestamp,
@@ -4812,6 +4922,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         target = sqlite3.connect(args.dest, isolation_level=None)
         try:
             source.backup(target)  # one step: a single consistent snapshot
+            # The copy carries the database's WAL mode; reading such a file needs a
+            # -shm beside it. A backup is one self-contained file that any reader
+            # can open where it lies, even read-only.
+            journal = target.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
             check = target.execute("PRAGMA quick_check").fetchone()[0]
             events = target.execute("SELECT COUNT(*) FROM events").fetchone()[0]
         finally:
@@ -4820,6 +4934,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     except sqlite3.Error as exc:
         os.unlink(args.dest)
         raise StoreError(f"backup of {path} failed: {exc}") from None
+    if journal.lower() != "delete":
+        raise StoreError(f"backup {args.dest} stayed in journal mode {journal}; delete it and try again")
     if check != "ok":
         raise StoreError(f"backup {args.dest} failed its integrity check: {check}")
     size = os.path.getsize(args.dest)
@@ -4838,7 +4954,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         f"noyo-listener is serving {os.path.abspath(path)} (lock {lock.path} is held); stop it first "
         "(sudo systemctl stop noyo-listener), then run restore again; nothing was changed"))
     try:
-        restore_database(args.source, path)
+        replaced_high_water, backup_high_water = restore_database(args.source, path)
     finally:
         lock.release()
     info = os.stat(path)
@@ -4846,8 +4962,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
                  if version < SCHEMA_VERSION else "")
     print(f"restored {args.source} to {path}: {events} events, integrity ok, mode {info.st_mode & 0o777:04o}, "
           f"owner {info.st_uid}:{info.st_gid} like its directory{migration}. "
+          f"{_change_feed_text(replaced_high_water, backup_high_water)}"
           "Start serve again (sudo systemctl start noyo-listener).")
     return 0
+
+
+def _change_feed_text(replaced: int | None, backup: int | None) -> str:
+    """What restore did to the change feed's seqs, for consumers' saved bookmarks."""
+    if not replaced or (backup is not None and backup >= replaced):
+        return ""
+    backups = "the backup predates the feed" if backup is None else f"the backup's is {backup}"
+    return (f"The change feed continues after seq {replaced}, the replaced database's last ({backups}): "
+            "consumers' saved seqs stay valid. ")
 
 
 # The change feed, read-only: `history` for people, `changes` for scripts.
@@ -4877,6 +5003,16 @@ def _open_feed(settings: Settings) -> sqlite3.Connection:
         raise StoreError(f"{path} has no change history yet (its schema predates it); "
                          "start `serve` of this version once to migrate it")
     return conn
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None if it is gone: `restore` renames a new
+    file over the database, which a connection opened before keeps reading."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _printable(value: Any) -> str:
@@ -4943,6 +5079,9 @@ class _StopFlag:
 def cmd_changes(args: argparse.Namespace) -> int:
     """Write the change feed as JSON lines; with --follow, keep writing until SIGINT/SIGTERM."""
     settings = settings_for(args)  # declares no needs: no secrets or credentials
+    path = settings["database"]["path"]
+    # Taken before opening: a replacement in between costs one needless reopen, never a missed file.
+    identity = _file_identity(path)
     conn = _open_feed(settings)
     stop = _StopFlag()
     if args.follow:
@@ -4972,6 +5111,16 @@ def cmd_changes(args: argparse.Namespace) -> int:
             if not args.follow:
                 break
             while not stop.raised and conn.execute("PRAGMA data_version").fetchone()[0] == version:
+                if _file_identity(path) != identity:
+                    # Restored: the old file gets no more rows. Read on from the same
+                    # seq in the new one; restore carries the seq counter forward, so
+                    # rows written from now on still come after `last`.
+                    print(f"noyo-listener: {path} was replaced (restore); following the new file "
+                          f"after seq {last}", file=sys.stderr, flush=True)
+                    conn.close()
+                    identity = _file_identity(path)
+                    conn = _open_feed(settings)
+                    break
                 time.sleep(FOLLOW_POLL)  # a signal ends the sleep; its handler only sets the flag
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read the change feed: {exc}") from None

@@ -17,6 +17,7 @@ Stops with exit 0 on SIGTERM or SIGINT.
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -46,12 +47,25 @@ def save_seq(seq: int) -> None:
     os.replace(temporary, SEQ_FILE)
 
 
+_BARE = re.compile(r'[!#-<>-\[\]-~]+')  # printable ASCII but space, '"', '=' and '\\'
+
+
+def log_value(value) -> str:
+    """A value the API chose as one key=value field (like noyo_listener.log_value):
+    quoted with JSON escapes unless plain, so it can neither start a journal
+    line of its own (with a forged <priority>) nor add a field."""
+    if value is None:
+        return "-"
+    text = str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
 def alert(row: dict) -> None:
     if ALERT_COMMAND:
         subprocess.run(ALERT_COMMAND, shell=True, input=json.dumps(row) + "\n", text=True, check=True)
     else:  # <4> is WARNING in the journal
-        print(f"<4>new discrepancy difference={row['id']} was={row['state_from']} "
-              f"observed_at={row['observed_at']} seq={row['seq']}", flush=True)
+        print(f"<4>new discrepancy difference={log_value(row['id'])} was={log_value(row['state_from'])} "
+              f"observed_at={log_value(row['observed_at'])} seq={log_value(row['seq'])}", flush=True)
 
 
 def main() -> int:

@@ -72,3 +72,24 @@ def test_serve_warns_once_at_start(start_listener):
     assert log.count("WARNING [webhook] max_timestamp_age = 0") == 1, log
     assert listener.get("/healthz")[0] == 200
     assert listener.log().count("synchronous = NORMAL") == 1
+
+
+# --- secrets that are not UTF-8 text ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["serve"], ["sync"]])
+def test_a_credential_file_that_is_not_utf8_is_one_line_and_exit_1(make_ini, tmp_path, command):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "NOYO_CLIENT_SECRET").write_bytes(b"\xffsecret")
+    result = run_cli("--config", str(make_ini()), *command, env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    line = one_line_error(result)
+    assert "NOYO_CLIENT_SECRET is not valid UTF-8" in line and "secret" not in line.split("UTF-8", 1)[1]
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["serve"]])
+def test_an_environment_secret_that_is_not_utf8_is_one_line_and_exit_1(make_ini, command):
+    # os.environ carries undecodable bytes as lone surrogates; subprocess turns them back into the bytes.
+    env = {"NOYO_WEBHOOK_SECRETS": "primary:\udcffsecret"}
+    line = one_line_error(run_cli("--config", str(make_ini()), *command, env=env))
+    assert "NOYO_WEBHOOK_SECRETS is not valid UTF-8" in line and "\udcff" not in line

@@ -7,14 +7,17 @@ them); the README's fault table is made from those lines.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import random
 import re
+import socket
 import subprocess
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -82,7 +85,13 @@ def test_sigkill_under_load_loses_no_acknowledged_event(start_listener, fake_noy
     bodies = [[event_body(rng.choice(types), data_id=rng.choice(differences)["id"], event_id=str(uuid.uuid4()))
                for _ in range(per_sender)] for _ in range(senders_count)]
 
-    listener = start_listener(server={"threads": 8}, **api_sections(fake_noyo))
+    # One fixed port across the restarts: with port 0 the senders' retries in
+    # the gap would go to the old port, which another listener on this shared
+    # machine (same test secret) may have taken, and its 200s would count here.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listener = start_listener(server={"threads": 8, "port": port}, **api_sections(fake_noyo))
     stop = threading.Event()
     senders = [KeepAliveSender(listener, b, stop) for b in bodies]
     for sender in senders:
@@ -110,8 +119,10 @@ def test_sigkill_under_load_loses_no_acknowledged_event(start_listener, fake_noy
     acked_text = {b.decode() for b in acked}
     missing = acked_text - stored
     assert not missing, f"{len(missing)} acknowledged events are missing"
+    referenced = {json.loads(b)["data"]["id"] for b in acked}
+    assert referenced <= set(rows), f"no row for {sorted(referenced - set(rows))[:5]}"
     for obj in differences:
-        if obj["id"] in rows:
+        if obj["id"] in referenced:
             assert rows[obj["id"]]["state"] == expected_state(obj), obj
             assert rows[obj["id"]]["modified"] == obj["modified"]
     report("sigkill_under_load", events_acknowledged=len(acked), events_found=len(acked_text & stored),
@@ -135,19 +146,25 @@ def test_api_outage_sees_probes_loses_nothing_and_drains(start_listener, fake_no
             stop.wait(0.05)
 
     streamer = threading.Thread(target=stream)
-    phase_seconds = 3.0
+    per_phase = 20  # events sent in each phase: phases end on what happened, not after a fixed time
+
+    def phase_until(what: str, api_saw: Callable[[], int]) -> None:
+        start = len(sent)
+        wait_until(lambda: len(sent) >= start + per_phase and api_saw() >= 2, 60, what)
+
     fake_noyo.stop()  # 1. connection refused
     outage_started = time.monotonic()
     streamer.start()
     try:
-        time.sleep(phase_seconds)  # each phase lasts a fixed time: the outage is the thing measured
+        phase_until("refused attempts", lambda: len(re.findall(r"fetch failed .*ConnectionRefused", listener.log())))
         refused_attempts = len(re.findall(r"fetch failed .*ConnectionRefused", listener.log()))
         fake_noyo.add_fault(Fault("status", times=10**6, status=503))  # 2. 503 for everything
         fake_noyo.start()
-        time.sleep(phase_seconds)
+        phase_until("503 answers", lambda: len(fake_noyo.object_requests()))
         fake_noyo.faults.clear()
+        arrivals_before_slow = len(fake_noyo.arrivals)
         fake_noyo.add_fault(Fault("slow", times=10**6, delay=2.0))  # 3. answers later than the timeout
-        time.sleep(phase_seconds)
+        phase_until("slow answers", lambda: len(fake_noyo.arrivals) - arrivals_before_slow)
         outage_seconds = time.monotonic() - outage_started
         answered_attempts = len(fake_noyo.object_requests())
         arrivals = len(fake_noyo.arrivals)
@@ -166,9 +183,10 @@ def test_api_outage_sees_probes_loses_nothing_and_drains(start_listener, fake_no
         assert conn.execute("SELECT COUNT(*) FROM differences").fetchone()[0] == len(sent)
     assert done == len(sent)
     # Without the global backoff every event would cost at least one request;
-    # with it the API sees about one probe per probe interval (1s here).
-    assert attempts <= outage_seconds * 1.5 + 12, (attempts, len(sent))
-    assert attempts < len(sent) / 4
+    # with it the API sees about one probe per probe interval (1s here), plus
+    # the first failures of the fetches in flight. A loaded machine only makes
+    # probes rarer, so this bound cannot fail from load.
+    assert attempts <= outage_seconds * 1.5 + 12, (attempts, len(sent), outage_seconds)
     report("api_outage", outage_seconds=f"{outage_seconds:.1f}", events_sent=len(sent),
            api_attempts_during_outage=attempts, refused=refused_attempts, answered_or_timed_out=answered_attempts,
            requests_per_minute=f"{attempts / outage_seconds * 60:.0f}", drain_seconds=f"{drain:.1f}")

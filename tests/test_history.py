@@ -407,6 +407,86 @@ def test_follow_with_a_limit_stops_after_that_many_rows(feed_db):
     assert follower.proc.wait(15) == 0
 
 
+# --- restore and the change feed ---------------------------------------------------------------
+
+
+@pytest.fixture
+def restorable(tmp_path, make_ini):
+    """A feed database at seq 1 with a backup of it, then grown to seq 4."""
+    path = tmp_path / "noyo.sqlite3"
+    ini = make_ini(webhook={"secrets": ""}, database={"path": path})
+    conn = noyo_listener.connect(str(path))
+    noyo_listener.migrate(conn, str(path))
+    conn.close()
+    add_rows(path, [("difference", difference("d-1", 1), "2026-01-01T00:00:00.000Z")])
+    backup = tmp_path / "backup.sqlite3"
+    result = run_cli("--config", str(ini), "backup", str(backup))
+    assert result.returncode == 0, result.stderr
+    add_rows(path, [("difference", difference("d-1", 2, discrepancy_time=2), "2026-01-01T00:00:01.000Z"),
+                    ("difference", difference("d-2", 1), "2026-01-01T00:00:02.000Z"),
+                    ("difference", difference("d-3", 1), "2026-01-01T00:00:03.000Z")])
+    assert [r["seq"] for r in feed_rows(path)] == [1, 2, 3, 4]
+    return path, ini, backup
+
+
+def test_restoring_an_older_backup_never_hands_out_a_seq_again(restorable):
+    path, ini, backup = restorable
+    result = run_cli("--config", str(ini), "restore", str(backup))
+    assert result.returncode == 0, result.stderr
+    assert "change feed continues after seq 4" in result.stdout and "the backup's is 1" in result.stdout
+    assert [r["seq"] for r in feed_rows(path)] == [1]
+
+    # A consumer that had handled seq 4 resumes with --since 4 and misses nothing.
+    add_rows(path, [("difference", difference("d-5", 1, discrepancy_time=1), "2026-01-02T00:00:00.000Z")])
+    assert [(r["seq"], r["id"]) for r in changes_out(ini, "--since", "4")] == [(5, "d-5")]
+
+
+def test_restore_counts_the_seqs_a_crash_left_in_the_replaced_databases_wal(restorable):
+    path, ini, backup = restorable
+    conn = noyo_listener.connect(str(path))
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("BEGIN IMMEDIATE")
+    obj = difference("d-5", 1)
+    noyo_listener.apply_difference(conn, obj, json.dumps(obj), [], "2026-01-02T00:00:00.000Z")
+    conn.execute("COMMIT")
+    main, wal = path.read_bytes(), Path(f"{path}-wal").read_bytes()  # seq 5 is only in the WAL
+    conn.close()  # checkpoints and removes the WAL; put both back as a crash leaves them
+    path.write_bytes(main)
+    Path(f"{path}-wal").write_bytes(wal)
+    result = run_cli("--config", str(ini), "restore", str(backup))
+    assert result.returncode == 0, result.stderr
+    assert "change feed continues after seq 5" in result.stdout
+
+
+def test_restoring_a_backup_older_than_the_change_feed_never_hands_out_a_seq_again(restorable, tmp_path):
+    path, ini, _backup = restorable
+    old_backup = tmp_path / "v3.sqlite3"
+    build_v3(old_backup)
+    result = run_cli("--config", str(ini), "restore", str(old_backup))
+    assert result.returncode == 0, result.stderr
+    assert "change feed continues after seq 4" in result.stdout and "the backup predates the feed" in result.stdout
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    noyo_listener.migrate(conn, str(path))  # as serve does at start
+    conn.close()
+    add_rows(path, [("difference", difference("d-5", 1), "2026-01-02T00:00:00.000Z")])
+    assert [(r["seq"], r["id"]) for r in changes_out(ini, "--since", "4")] == [(5, "d-5")]
+
+
+def test_a_follower_reads_on_in_the_restored_file_from_its_last_seq(restorable):
+    path, ini, backup = restorable
+    follower = Follower(ini)
+    assert [r["seq"] for r in follower.take(4)] == [1, 2, 3, 4]
+    result = run_cli("--config", str(ini), "restore", str(backup))
+    assert result.returncode == 0, result.stderr
+    add_rows(path, [("difference", difference("d-5", 1), "2026-01-02T00:00:00.000Z")])
+    assert [(r["seq"], r["id"]) for r in follower.take(1)] == [(5, "d-5")]
+    code, leftover = follower.stop(signal.SIGTERM)
+    assert code == 0 and leftover == []
+    stderr = follower.proc.stderr.read()
+    assert f"{path} was replaced (restore); following the new file after seq 4" in stderr, stderr
+    assert len(stderr.splitlines()) == 1
+
+
 # --- retention --------------------------------------------------------------------------------
 
 
@@ -515,6 +595,32 @@ def test_the_consumer_alerts_once_per_new_discrepancy_across_restarts(feed_db, t
     assert alerted(alerts) == ["d-1", "d-2", "d-3"]
 
 
+def test_the_consumers_journal_line_escapes_what_the_api_chose(feed_db, tmp_path):
+    path, ini = feed_db
+    forged = "d1 was=pending seq=999\n<0>EMERG forged line"
+    add_rows(path, [("difference", difference(forged, 1, discrepancy_time=1), "2026-01-04T00:00:00.000Z")])
+    seq_file = tmp_path / "last_seq"
+    seq_file.write_text("4\n")  # only the new row
+    env = _clean_environ()
+    env.update(NOYO_LISTENER=f"{sys.executable} {MODULE} --config {ini}", SEQ_FILE=str(seq_file))
+    consumer = subprocess.Popen([sys.executable, str(CONSUMER)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    wait_until(lambda: seq_file.read_text().strip() == "5", 15, "the forged row handled")
+    consumer.send_signal(signal.SIGTERM)
+    assert consumer.wait(15) == 0
+    lines = consumer.stdout.read().splitlines()
+    assert lines == ['<4>new discrepancy difference="d1 was=pending seq=999\\n<0>EMERG forged line" was=- '
+                     'observed_at=2026-01-04T00:00:00.000Z seq=5'], lines
+
+
+@pytest.mark.parametrize("value", ["plain-id_1", "with space", "a=b", 'q"uote', "back\\slash", "tab\there",
+                                   "caf\u00e9", "\u2028", "", None, 7])
+def test_the_consumers_escaping_matches_the_listeners_log_value(value):
+    namespace: dict = {"__name__": "consumer"}
+    exec(compile(CONSUMER.read_text(), str(CONSUMER), "exec"), namespace)
+    assert namespace["log_value"](value) == noyo_listener.log_value(value)
+
+
 @pytest.mark.skipif(__import__("shutil").which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_the_consumer_unit_verifies_clean(tmp_path):
     prefix = tmp_path / "opt" / "noyo-listener"
@@ -528,3 +634,6 @@ def test_the_consumer_unit_verifies_clean(tmp_path):
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
     assert re.search(r"^ExecStart=/opt/noyo-listener/\S+ /opt/noyo-listener/systemd/noyo-discrepancy-alert.py$",
                      CONSUMER_UNIT.read_text(), re.M)
+    # It stops with the listener (before a restore replaces the file it reads) and starts with it again.
+    assert re.search(r"^PartOf=noyo-listener\.service$", CONSUMER_UNIT.read_text(), re.M)
+    assert re.search(r"^WantedBy=noyo-listener\.service$", CONSUMER_UNIT.read_text(), re.M)

@@ -279,3 +279,88 @@ def test_restore_onto_a_fresh_install_creates_the_database(make_ini, start_liste
     # Every file restore created there belongs to that user: serve can open them.
     assert {(p.name, p.stat().st_uid, p.stat().st_gid) for p in fresh.iterdir()} == {
         ("db.sqlite3", 65534, 65534), ("db.sqlite3.lock", 65534, 65534)}
+
+
+# --- a backup is one self-contained file, read without writing beside it ------------------------
+
+
+def test_backup_writes_one_self_contained_file_in_rollback_journal_mode(start_listener, tmp_path):
+    listener = start_listener()
+    assert listener.send(event_body(event_id="a"))[0] == 200
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    assert run_cli("--config", str(listener.ini), "backup", str(backups / "b.sqlite3")).returncode == 0
+    # Bytes 18 and 19 of the header: 1 = rollback journal, 2 = WAL (which needs a -shm to read).
+    assert (backups / "b.sqlite3").read_bytes()[18:20] == b"\x01\x01"
+    assert [p.name for p in backups.iterdir()] == ["b.sqlite3"]
+
+
+def _wal_mode_backup(path: Path) -> None:
+    """As `backup` wrote them before: the database's WAL mode copied along."""
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal"
+    conn.close()  # the last connection: no -wal or -shm stays behind
+    assert path.read_bytes()[18:20] == b"\x02\x02"
+
+
+@pytest.mark.parametrize("backup_form", [None, _wal_mode_backup], ids=["as-written", "older-wal-mode-backup"])
+def test_restore_as_the_service_user_reads_a_backup_in_a_directory_it_cannot_write(start_listener, tmp_path,
+                                                                                  backup_form):
+    import shutil
+    import subprocess
+    import tempfile
+    from test_readme_layout import NOBODY, python_for
+
+    listener = start_listener()
+    for event_id in ("a", "b"):
+        assert listener.send(event_body(event_id=event_id))[0] == 200
+    assert listener.stop() == 0
+    # A tree `nobody` can walk: its state directory (its own) and a backup
+    # directory of root's that it may read but not write.
+    root = Path(tempfile.mkdtemp(prefix="noyo-restore-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        state, backups = root / "state", root / "backups"
+        state.mkdir(mode=0o700)
+        backups.mkdir(mode=0o755)
+        backup = backups / "b.sqlite3"
+        assert run_cli("--config", str(listener.ini), "backup", str(backup)).returncode == 0
+        if backup_form:
+            backup_form(backup)
+        os.chown(backup, NOBODY, NOBODY)  # readable by it; the directory stays root's
+        spoiled = backups / "not-ours.sqlite3"
+        spoiled.touch()
+        _not_ours(spoiled)
+        os.chown(spoiled, NOBODY, NOBODY)
+        shutil.copy(noyo_listener.__file__, root / "noyo_listener.py")
+        ini = root / "noyo.ini"
+        ini.write_text(listener.ini.read_text().replace(str(tmp_path / "noyo.sqlite3"), str(state / "db.sqlite3")))
+        ini.chmod(0o644)
+        os.chown(state, NOBODY, NOBODY)
+        python, env = python_for(NOBODY)
+
+        def restore(source: Path) -> subprocess.CompletedProcess:
+            return subprocess.run([python, str(root / "noyo_listener.py"), "--config", str(ini), "restore", str(source)],
+                                  user=NOBODY, group=NOBODY, extra_groups=[], cwd="/", capture_output=True, text=True,
+                                  env={**env, "PATH": "/usr/bin:/bin"}, timeout=60, stdin=subprocess.DEVNULL)
+
+        assert "not a noyo-listener database" in one_line_error(restore(spoiled))
+        result = restore(backup)
+        assert result.returncode == 0, result.stderr
+        assert event_ids(state / "db.sqlite3") == {"a", "b"}
+        # Nothing was left beside the backups: no -shm, -wal or -journal.
+        assert sorted(p.name for p in backups.iterdir()) == ["b.sqlite3", "not-ours.sqlite3"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_restore_refuses_a_live_database_with_its_wal_beside_it(start_listener, tmp_path):
+    listener = start_listener()
+    assert listener.send(event_body(event_id="a"))[0] == 200
+    assert listener.stop() == 0
+    live = tmp_path / "live.sqlite3"
+    shutil_copy = __import__("shutil").copy
+    shutil_copy(tmp_path / "noyo.sqlite3", live)
+    make_stale_wal(live)  # a WAL holding a committed row that immutable=1 would ignore
+    line = one_line_error(run_cli("--config", str(listener.ini), "restore", str(live)))
+    assert "write-ahead log beside it" in line and "nothing was changed" in line

@@ -187,6 +187,13 @@ def layout():
     shutil.rmtree(root, ignore_errors=True)
 
 
+def test_the_readme_restore_steps_cover_the_change_feed_consumers():
+    readme = (ROOT / "README.md").read_text()
+    restore = readme[readme.index("\n### Restore\n"):readme.index("\n### Upgrade and retention\n")]
+    assert "noyo-discrepancy-alert" in restore and "changes --follow" in restore
+    assert "seq counter forward" in restore
+
+
 def test_the_readme_install_backup_and_restore_steps_work_as_written(layout):
     # Install on a VM, up to the running service.
     for command in readme_commands("Install on a VM"):
@@ -221,6 +228,9 @@ def test_the_readme_install_backup_and_restore_steps_work_as_written(layout):
     info = db.stat()
     assert (info.st_mode & 0o777, info.st_uid, info.st_gid) == (0o600, NOBODY, NOBODY)
     assert layout.events() == {"before-backup-1", "before-backup-2"}
+    # The backup is one self-contained file, and restore only read it: nothing beside it.
+    assert list((layout.root / "root").iterdir()) == backups
+    assert backups[0].read_bytes()[18:20] == b"\x01\x01"  # rollback journal, not WAL
     # The service, as its own user, writes to the restored database.
     assert layout.deliver("after-restore") == 200
     assert "after-restore" in layout.events()

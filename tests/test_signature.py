@@ -91,3 +91,18 @@ def test_an_age_of_zero_turns_the_check_off():
 def test_sign_matches_an_independent_hmac():
     assert noyo_listener.sign("k", b"body", TS) == hmac.new(b"k", TS.encode() + b".body", "sha256").hexdigest()
     assert noyo_listener.sign("k", b"body") == hmac_hex("k", b"body")
+
+
+def test_a_truncated_or_extended_signature_never_verifies():
+    """Each hex digit counts: a verifier that compared a prefix would accept a
+    1-digit signature 1 time in 16 (an audit found the fuzz never noticed)."""
+    verifier = SignatureVerifier([("primary", "s3cret")], "auto")
+    body = b'{"event": {"id": "e"}}'
+    for timestamp in (TS, None):
+        good = noyo_listener.sign("s3cret", body, timestamp)
+        assert verifier.verify(good, timestamp or TS, body) is not None
+        for length in range(1, len(good)):
+            assert verifier.verify(good[:length], timestamp or TS, body) is None, length
+            assert verifier.verify(good[length:], timestamp or TS, body) is None, length
+        assert verifier.verify(good + "0", timestamp or TS, body) is None
+        assert verifier.verify(good + good, timestamp or TS, body) is None

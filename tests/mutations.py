@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Break the program on purpose, one breakage at a time, and check a test notices.
+
+Each entry below is a breakage that once went unnoticed (issue 18's audit) or
+a behaviour the README promises: the exact original text in a file, what to
+put instead, and the tests that must then fail. For each one the script copies
+the repository to a temporary directory, checks the named tests pass there
+unbroken, applies the breakage, runs the named tests ``--runs`` times and
+prints how many runs caught it. Run it before resolving an issue:
+
+    /work/venv/bin/python tests/mutations.py               # everything, 5 runs each
+    /work/venv/bin/python tests/mutations.py --runs 2 --only dedupe_in_batch
+    /work/venv/bin/python tests/mutations.py --list
+
+An entry whose original text is no longer in the file is reported as STALE:
+the code moved; point the entry at the new text (and keep the breakage the
+same). Entries marked ``worker`` touch the Worker section, which is being
+rewritten (issue 10): re-point them after that merge.
+
+Not collected by pytest (the file name does not start with ``test_``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = "noyo_listener.py"
+
+
+@dataclasses.dataclass
+class Breakage:
+    name: str
+    what: str
+    edits: list[tuple[str, str]]  # (exact original text, replacement), each original found exactly once
+    tests: list[str]  # pytest node ids, relative to the repository
+    file: str = MODULE
+    runs: int | None = None  # fewer runs for slow tests (None = --runs)
+    section: str = ""  # the module section the edits touch (who may move the text)
+
+
+BREAKAGES = [
+    Breakage(
+        "release_before_commit", "the writer releases the waiting request before COMMIT",
+        [('            results = self._run_jobs(conn, batch)\n            conn.execute("COMMIT")\n',
+          '            results = self._run_jobs(conn, batch)\n            for job, result in zip(batch, results):\n'
+          '                job.finish(result)\n            conn.execute("COMMIT")\n'),
+         ('            self.last_commit_error = None\n        for job, result in zip(batch, results):\n'
+          '            job.finish(result)\n',
+          '            self.last_commit_error = None\n')],
+        ["tests/test_commit.py::test_a_commit_that_cannot_be_written_is_503_with_no_row_then_200_once_it_can"],
+        section="storage"),
+    Breakage(
+        "dedupe_in_batch", "dedupe inside one commit batch removed (seen.add)",
+        [("            seen.add(event.event_id)  # a second copy within this group is a duplicate too\n",
+          "            pass\n")],
+        ["tests/test_commit.py::test_identical_deliveries_in_one_commit_batch_leave_one_row_and_count_every_copy"],
+        section="storage"),
+    Breakage(
+        "signature_prefix", "signature compared on a prefix only",
+        [("matched |= hmac.compare_digest(expected, candidate)",
+          "matched |= hmac.compare_digest(expected[:len(candidate)], candidate)")],
+        ["tests/test_signature.py::test_a_truncated_or_extended_signature_never_verifies"],
+        section="signature"),
+    Breakage(
+        "resource_newer_wins", "newer-object-wins guard removed for resources",
+        [("    stored = json.loads(row[0]) if row else None\n    if stored is not None and newness(obj) < newness(stored):\n"
+          "        return \"unchanged\"\n",
+          "    stored = json.loads(row[0]) if row else None\n    if False:\n        return \"unchanged\"\n")],
+        ["tests/test_worker_observed.py::test_an_older_fetch_never_overwrites_a_newer_resource_row"],
+        section="worker"),
+    Breakage(
+        "retry_delay_zero", "retry_delay returns 0 (every retry immediate)",
+        [("        delay = random.uniform(ceiling / 2, ceiling)\n", "        delay = 0.0\n")],
+        ["tests/test_worker_observed.py::test_retries_are_spaced_by_the_backoff_not_immediate"],
+        section="worker"),
+    Breakage(
+        "shutdown_skips_answers", "shutdown skips sending the finished answers",
+        [("            self._send_finished_answers()\n", "            self.server.close()\n")],
+        ["tests/test_shutdown_and_health.py::test_answers_still_in_the_buffers_at_a_stop_are_sent"],
+        section="service"),
+    Breakage(
+        "healthz_ignores_worker", "/healthz ignores a stalled worker",
+        [("            stalled = self.worker.stalled()\n", "            stalled = None\n")],
+        ["tests/test_shutdown_and_health.py::test_healthz_is_503_when_the_worker_has_stopped"],
+        section="http app (healthz)"),
+    Breakage(
+        "watchdog_skips_http", "the watchdog self-check calls the health function directly",
+        [("        host, port = self.self_address\n        conn = http.client.HTTPConnection(host, port, timeout=timeout)\n",
+          "        return self.receiver.health_problems()\n        host, port = self.self_address\n"
+          "        conn = http.client.HTTPConnection(host, port, timeout=timeout)\n")],
+        ["tests/test_shutdown_and_health.py::test_a_wedged_http_server_stops_the_watchdog_pings"],
+        section="service"),
+    Breakage(
+        "body_form_replay", "a body-form signature is not dated by event.created (replay gap)",
+        [("        if match.form == FORM_BODY:\n            replay = check_signed_created(",
+          "        if False:\n            replay = check_signed_created(")],
+        ["tests/test_replay.py::test_a_captured_body_replayed_with_a_fresh_header_is_refused",
+         "tests/test_replay.py::test_a_body_form_event_without_a_usable_created_is_refused_with_its_own_reason"],
+        section="http app"),
+    Breakage(
+        "window_bypass", "the x-noyo-timestamp window is not checked",
+        [("        window = check_timestamp(timestamp, time.time(), policy.max_age, policy.max_skew)\n",
+          "        window = None\n")],
+        ["tests/test_hostile.py"],
+        section="http app"),
+]
+
+
+def copy_repository(dest: Path) -> None:
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+        ".git", "__pycache__", ".pytest_cache", ".hypothesis", "*.sqlite3*", "*.log"))
+
+
+def apply(repo: Path, breakage: Breakage) -> str | None:
+    """Edit the copy; return why it cannot be applied (stale entry), or None."""
+    path = repo / breakage.file
+    text = path.read_text()
+    for original, replacement in breakage.edits:
+        found = text.count(original)
+        if found != 1:
+            return f"original text found {found} times in {breakage.file}: {original.strip()[:60]!r}"
+        text = text.replace(original, replacement)
+    path.write_text(text)
+    return None
+
+
+def run_tests(repo: Path, tests: list[str], timeout: float) -> tuple[int, list[str], float]:
+    """(pytest exit code, failed node ids, seconds)."""
+    started = time.monotonic()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+            cwd=repo, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    except subprocess.TimeoutExpired:
+        return -1, ["(timed out)"], time.monotonic() - started
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.M)
+    why = re.search(r"^E +(.{1,90})", result.stdout, re.M)  # the first assertion line: caught for the right reason?
+    if failed and why:
+        failed[0] += f" ({why.group(1).strip()})"
+    return result.returncode, failed, time.monotonic() - started
+
+
+def check(breakage: Breakage, runs: int, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"mutation-{breakage.name}-") as tmp:
+        repo = Path(tmp) / "repo"
+        copy_repository(repo)
+        code, failed, _ = run_tests(repo, breakage.tests, timeout)
+        if code != 0:
+            return {"verdict": "BASELINE FAILS", "detail": " ".join(failed) or f"pytest exit {code}"}
+        problem = apply(repo, breakage)
+        if problem:
+            return {"verdict": "STALE", "detail": problem}
+        caught, catchers, seconds = 0, set(), []
+        for _ in range(runs):
+            code, failed, took = run_tests(repo, breakage.tests, timeout)
+            seconds.append(took)
+            if code in (1, -1):  # tests failed (or hung): the breakage was noticed
+                caught += 1
+                catchers.update(failed)
+            elif code != 0:
+                return {"verdict": "ERROR", "detail": f"pytest exit {code}"}
+        return {"verdict": f"caught {caught}/{runs}", "detail": " ".join(sorted(catchers)),
+                "seconds": sum(seconds) / len(seconds)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs per breakage (default 5)")
+    parser.add_argument("--only", nargs="*", help="names of the breakages to check")
+    parser.add_argument("--list", action="store_true", help="list the breakages and exit")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
+    args = parser.parse_args()
+    chosen = [b for b in BREAKAGES if not args.only or b.name in args.only]
+    if args.list:
+        for b in chosen:
+            print(f"{b.name:24} [{b.section}] {b.what}\n{'':24} {' '.join(b.tests)}")
+        return 0
+    print(f"| breakage | section | caught | catching test | s/run |\n| --- | --- | --- | --- | --- |")
+    missed = 0
+    for breakage in chosen:
+        runs = min(args.runs, breakage.runs) if breakage.runs else args.runs
+        result = check(breakage, runs, args.timeout)
+        if not result["verdict"].startswith(f"caught {runs}/"):
+            missed += 1
+        print(f"| {breakage.what} (`{breakage.name}`) | {breakage.section} | {result['verdict']} | "
+              f"{result['detail']} | {result.get('seconds', 0):.1f} |", flush=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
