@@ -65,11 +65,13 @@ def _complete(buffer: bytes) -> int:
 
 
 def run(port: int, requests: list[bytes], connections: int, seconds: float, host: str = "127.0.0.1",
-        acked: list | None = None) -> dict:
+        acked: list | None = None, answer_all: bool = False) -> dict:
     """Drive the server at full speed for ``seconds``; return counts and latency percentiles.
 
     With ``acked``, every 200 appends ``(index into requests, time.perf_counter())``
     to it (bench/litestream.py: which acknowledged events a restore lacks).
+    Out of requests, the clock stops at the next answer; with ``answer_all``
+    it stops at the last one (bench/run.py's burst: time to acknowledge all).
     """
     selector = selectors.DefaultSelector()
     conns = []
@@ -84,12 +86,14 @@ def run(port: int, requests: list[bytes], connections: int, seconds: float, host
     statuses: dict[int, int] = {}
     errors = 0
     next_request = 0
+    in_flight = 0
     clock = time.perf_counter
 
     def send(conn: _Conn) -> bool:
-        nonlocal next_request
+        nonlocal next_request, in_flight
         if next_request >= len(requests):
             return False
+        in_flight += 1
         data = requests[next_request]
         conn.index = next_request
         next_request += 1
@@ -124,13 +128,14 @@ def run(port: int, requests: list[bytes], connections: int, seconds: float, host
             conn.inbuf += chunk
             size = _complete(conn.inbuf)
             if size:
+                in_flight -= 1
                 latencies.append(clock() - conn.started)
                 status = int(conn.inbuf[9:12])
                 statuses[status] = statuses.get(status, 0) + 1
                 if acked is not None and status == 200:
                     acked.append((conn.index, clock()))
                 conn.inbuf = conn.inbuf[size:]
-                if not send(conn):
+                if not send(conn) and not (answer_all and in_flight):
                     deadline = clock()  # out of pre-built requests: stop the clock here
     elapsed = clock() - started
     for conn in conns:

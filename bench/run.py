@@ -119,9 +119,12 @@ class Process:
             self.proc.kill()
 
 
+LISTENER = ROOT / "noyo_listener.py"  # --listener: another copy, for an A/B run of one figure
+
+
 def listener(ini: Path, cpus: set[int] | None) -> Process:
     port = re.search(r"^port = (\d+)$", ini.read_text(), re.M).group(1)
-    return Process([sys.executable, str(ROOT / "noyo_listener.py"), "--config", str(ini), "serve"],
+    return Process([sys.executable, str(LISTENER), "--config", str(ini), "serve"],
                    port, cpus, ini.with_suffix(".log"))
 
 
@@ -403,25 +406,102 @@ def drain_figures(tmp: Path, objects: int, latency: float) -> None:
                 f"ideal_fetches_per_s={concurrency / latency:.0f}")
 
 
+FAKE_API_SCRIPT = """
+import sys, time, uuid
+sys.path.insert(0, sys.argv[1])
+from fake_noyo import FakeNoyo
+fake = FakeNoyo()
+fake.latency = float(sys.argv[2])
+for n in range(int(sys.argv[3])):
+    for kind in ("difference", "member_snapshot"):
+        fake.put(kind, {"id": str(uuid.UUID(int=n)), "modified": 1})
+fake.start()
+print(fake.url, fake.client_id, fake.client_secret, flush=True)
+sys.stdin.read()  # until the bench closes our stdin
+"""
+
+
+def burst_figure(tmp: Path, events: int, objects: int, latency: float, concurrency: int, limit: float) -> None:
+    """``events`` posted as fast as the load generator can (c=64) to a listener
+    that fetches at ``concurrency`` from a fake API answering in ``latency``:
+    time to acknowledge all, time until none is pending, peak RSS, database
+    size. The fake API runs in its own process (in this one it would share
+    the load generator's GIL); the server is pinned as the unit pins it."""
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_API_SCRIPT, str(ROOT / "tests"), str(latency), str(objects)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        url, client_id, client_secret = fake.stdout.readline().split()
+        ini = write_ini(tmp, "burst", worker={"concurrency": concurrency}, sync={"interval": 0}, noyo_api={
+            "client_id": client_id, "client_secret": client_secret,
+            "token_url": url + "/auth/public/token", "tracking_url": url, "fulfillment_url": url})
+        db = tmp / "burst.sqlite3"
+        requests = loadgen.build_requests(events, data_ids=objects)
+        server = listener(ini, {SERVER_CPU})
+        try:
+            started = time.monotonic()
+            os.sched_setaffinity(0, {CLIENT_CPU})
+            try:
+                result = loadgen.run(server.port, requests, 64, limit, answer_all=True)
+            finally:
+                os.sched_setaffinity(0, ALL_CPUS)
+            acked = time.monotonic()
+            wal_peak = left = 0
+            while time.monotonic() - started < limit:  # bounded: a stuck worker must not hang the run
+                wal = Path(f"{db}-wal")
+                wal_peak = max(wal_peak, wal.stat().st_size if wal.exists() else 0)
+                with sqlite3.connect(db, timeout=10) as conn:
+                    left = conn.execute("SELECT COUNT(*) FROM events WHERE status = 'pending'").fetchone()[0]
+                if not left:
+                    break
+                time.sleep(0.2)
+            drained = time.monotonic()
+            with sqlite3.connect(db, timeout=10) as conn:
+                stored = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            if stored < result["ok"]:
+                raise SystemExit(f"burst: {result['ok']} acknowledged but {stored} stored")
+            rss = server.rss_peak_kib()
+            size = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+        finally:
+            server.stop()
+    finally:
+        fake.stdin.close()
+        fake.wait(30)
+    say(f"burst events={events} objects={objects} c=64 acked={result['ok']} stored={stored} non_2xx={result['non_2xx']} "
+        f"errors={result['errors']} ack_seconds={acked - started:.1f} acks_per_s={result['rps']:.0f} "
+        f"p99_ms={result['p99_ms']:.1f} drain_seconds={drained - started:.1f} "
+        f"{'pending_left=' + str(left) + ' (gave up) ' if left else ''}"
+        f"api_latency_ms={latency * 1000:g} worker_concurrency={concurrency} rss_peak_mib={rss / 1024:.1f} "
+        f"db_mib={size / 2**20:.1f} wal_peak_mib={wal_peak / 2**20:.1f}")
+
+
 def main() -> None:
+    global LISTENER, server_policy
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs, fewer figures (under 2 minutes)")
     parser.add_argument("--seconds", type=float, help="length of each HTTP run")
     parser.add_argument("--policy", choices=sorted(POLICIES), default="other",
                         help="both servers' scheduling policy (default: other, the kernel's and the unit's)")
-    parser.add_argument("--parts", default="drain,rss,bigtable,scrape,http",
-                        help="comma-separated subset of: drain, rss, bigtable, scrape, http (default: all)")
+    parser.add_argument("--parts", default="drain,rss,bigtable,scrape,burst,http",
+                        help="comma-separated subset of: drain, rss, bigtable, scrape, burst, http (default: all)")
+    parser.add_argument("--burst-events", type=int, default=100_000, help="events in the burst figure")
+    parser.add_argument("--burst-objects", type=int, default=0,
+                        help="objects they point to (default: one per event, as a large member snapshot sends)")
+    parser.add_argument("--listener", type=Path, default=LISTENER,
+                        help="the noyo_listener.py to measure (default: this checkout's)")
     args = parser.parse_args()
+    LISTENER = args.listener.resolve()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     parts = set(args.parts.split(","))
-    global server_policy
     server_policy = args.policy
     say(machine() + f" server_policy={server_policy}")
     with tempfile.TemporaryDirectory(prefix="noyo-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if args.quick:
-            drain_figures(tmp, 100, 0.02)
-            figures = http_figures(tmp, seconds, [64, 16], ["pinned"], rounds=3)
+            if "drain" in parts:
+                drain_figures(tmp, 100, 0.02)
+            if "burst" in parts and args.parts != parser.get_default("parts"):  # only when asked for
+                burst_figure(tmp, args.burst_events, args.burst_objects or args.burst_events, 0.02, 8, limit=300)
+            figures = http_figures(tmp, seconds, [64, 16], ["pinned"], rounds=3) if "http" in parts else {}
         else:
             if "drain" in parts:
                 drain_figures(tmp, 400, 0.02)
@@ -431,6 +511,8 @@ def main() -> None:
                 big_table_figure(tmp, 1_000_000, seconds, rounds=5)
             if "scrape" in parts:
                 scrape_figure(tmp, seconds, rounds=6)
+            if "burst" in parts:
+                burst_figure(tmp, args.burst_events, args.burst_objects or args.burst_events, 0.02, 8, limit=900)
             figures = http_figures(tmp, seconds, [64, 16], ["unpinned", "pinned"], rounds=5) if "http" in parts else {}
     if ("pinned", 16) in figures:
         say(f"ratio={figures[('pinned', 16)]:.2f} c=16")
