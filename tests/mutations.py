@@ -116,6 +116,53 @@ BREAKAGES = [
 ]
 
 
+# The metrics (issue 14): (what, original, replacement, pytest -k expression
+# over tests/test_metrics.py). Each becomes a Breakage below.
+METRICS_BREAKS = [
+    ("duplicates not counted", "        METRICS.acknowledged(parsed.type, duplicate, time.perf_counter() - started)\n",
+     "        if not duplicate:\n            METRICS.acknowledged(parsed.type, duplicate, time.perf_counter() - started)\n", "counters_move"),
+    ("reasons all other", '        reason = reason if reason in self._reasons else "other"\n', '        reason = "other"\n', "counters_move"),
+    ("waitress rejects not counted", '        METRICS.rejected(error.code, "_".join(error.reason.lower().split()))\n', "", "counters_move"),
+    ("histogram per-bucket", '            buckets.append(("_bucket", {"le": "+Inf" if math.isinf(bound) else repr(bound)}, cumulative))\n',
+     '            buckets.append(("_bucket", {"le": "+Inf" if math.isinf(bound) else repr(bound)}, count))\n', "histogram or counters_move"),
+    ("kinds unbounded", '        return kind if kind in self._kinds else "other"\n', '        return kind\n', "bounded"),
+    ("fetch kinds not known", '            self._kinds = frozenset(NOYO_KINDS) | frozenset(fetch_kinds) | frozenset(list_kinds)\n',
+     '            self._kinds = frozenset(NOYO_KINDS) | frozenset(list_kinds)\n', "bounded"),
+    ("gauges through the writer", "                reading, due = self._take(conn)\n",
+     "                reading, due = self.store.write(self._take)\n", "without_the_writer"),
+    ("sync pass not reported", '        METRICS.sync_finished(self.kind, self.counts["new"])\n', "", "sync_metrics_follow"),
+    ("503 not counted", "            METRICS.answered(503)\n", "", "without_the_writer"),
+    ("503 in the ack histogram", "            METRICS.answered(503)\n",
+     "            METRICS.acknowledged(parsed.type, False, 0.0)\n", "without_the_writer"),
+    ("failed fetch not counted", "            METRICS.fetched(claim.kind, error.kind)\n", "", "fetches_are_counted or refused_credentials"),
+    ("ok fetch not counted", '        METRICS.fetched(claim.kind, "ok")\n', "", "fetches_are_counted"),
+    ("scrape logged at INFO", '        self._log_request(logging.DEBUG, bottle.request.environ, 200, started, "check=metrics")\n',
+     '        self._log_request(logging.INFO, bottle.request.environ, 200, started, "check=metrics")\n', "neither_logged"),
+    ("reason missing from tuple", '    "timestamp_in_future",        # 401\n', "", "own_label or counters_move"),
+    ("syncs failed counted", "\"SELECT kind, MAX(finished_at) FROM syncs WHERE status = 'done' GROUP BY kind\"",
+     "\"SELECT kind, MAX(finished_at) FROM syncs WHERE finished_at IS NOT NULL GROUP BY kind\"", "sync_metrics_follow"),
+    ("oldest pending from newest", "SELECT COUNT(*), MIN(received_at) FROM events WHERE status = 'pending'",
+     "SELECT COUNT(*), MAX(received_at) FROM events WHERE status = 'pending'", "gauges_equal"),
+    ("pending count from the scan", '        reading = DatabaseReading({**self._counts, "pending": pending}, oldest, read_last_syncs(conn), taken_at)\n',
+     '        reading = DatabaseReading(dict(self._counts), oldest, read_last_syncs(conn), taken_at)\n', "gauges_equal"),
+    ("api state always healthy", '        api_state = None if worker is None else (worker.health.state if worker.client is not None else "fetching_off")\n',
+     '        api_state = None if worker is None else "healthy"\n', "refused_credentials or spec_metric"),
+    ("sync_finished does not add", "            self._sync_new[kind] = self._sync_new.get(kind, 0) + int(new_objects)\n",
+     "            self._sync_new[kind] = int(new_objects)\n", "sync_finished"),
+    ("scrapes counted as requests", "        body = METRICS.exposition(self.database_gauges.current(), api_state)\n",
+     "        METRICS.answered(200)\n        body = METRICS.exposition(self.database_gauges.current(), api_state)\n", "neither_logged"),
+    ("gauges never refreshed", "        return reading, time.monotonic() + max(self.MIN_AGE, self.COST_FACTOR * (time.monotonic() - cheap))\n",
+     "        return reading, math.inf\n", "gauges_equal"),
+    ("metrics path not reserved", '    if text == "/metrics":\n        raise ValueError("/metrics is reserved for Prometheus")\n', "", "reserved"),
+]
+
+BREAKAGES += [
+    Breakage("metrics_" + "_".join(what.lower().replace("-", " ").split()), "metrics: " + what, [(old, new)],
+             ["tests/test_metrics.py", "-k", expression], section="metrics")
+    for what, old, new, expression in METRICS_BREAKS
+]
+
+
 def copy_repository(dest: Path) -> None:
     shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
         ".git", "__pycache__", ".pytest_cache", ".hypothesis", "*.sqlite3*", "*.log"))
