@@ -1126,8 +1126,7 @@ class Store:
             self._pending.append(job)
             if self._committing:
                 return job  # whoever commits now leaves queued jobs to the writer thread
-            self._committing = True
-        self._writer_turn.release()
+            self._take_role_for_writer()
         return job
 
     def write(self, fn: Callable[[sqlite3.Connection], Any] | None, timeout: float | None = None,
@@ -1144,15 +1143,25 @@ class Store:
             if self._closed:
                 raise StoreError("the store is closed")
             self._pending.append(job)
-            lead = None  # someone commits now: wait for them
+            lead = False
             if not self._committing:
-                self._committing = True
-                lead = self._last_batch <= 1  # idle: commit it here; under load: the writer thread
+                # Idle: commit it here; under load: the writer thread. Never the
+                # main thread, whose signal handlers raise (_Shutdown): raised in
+                # the middle of a hand-off, they would leave the role with nobody.
+                if self._last_batch <= 1 and threading.current_thread() is not threading.main_thread():
+                    self._committing = lead = True
+                else:
+                    self._take_role_for_writer()
         if lead:
             self._lead(job)
-        elif lead is not None:
-            self._writer_turn.release()
         return self.result_of(job, timeout)
+
+    def _take_role_for_writer(self) -> None:
+        """Give the committer role to the writer thread. Called holding ``_lock``:
+        the flag and the wake-up happen together, with no call in between where
+        a signal handler could raise and leave the role set but unhanded."""
+        self._committing = True
+        self._writer_turn.release()
 
     def result_of(self, job: _WriteJob, timeout: float | None = None) -> Any:
         """Wait for a submitted job's commit; its result, or StoreError as in ``write``."""
@@ -1188,7 +1197,7 @@ class Store:
                 return False
             if by_writer:
                 return True
-        self._writer_turn.release()
+            self._writer_turn.release()  # under _lock, as in _take_role_for_writer
         return False
 
     def checkpoint(self) -> None:
