@@ -137,14 +137,19 @@ class Listener:
         # What runs the program; a test of the one-file bundle swaps in [python, bundle].
         self.launcher = [sys.executable, str(MODULE)]
 
+    what = "listener"  # how start-up failures name what was started
+
+    def command(self) -> list[str]:
+        """The argv that starts the listener (a subclass may wrap it)."""
+        return [*self.launcher, "--config", str(self.ini), "serve"]
+
     def start(self, timeout: float = 20.0) -> "Listener":
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")
         env = _clean_environ()
         env.update(self.env)
-        self.proc = subprocess.Popen([*self.launcher, "--config", str(self.ini), "serve"],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = re.search(r"listening url=(http://[^/\s]+)(\S+)", self.log())
@@ -152,9 +157,9 @@ class Listener:
                 self.base, self.path = match.group(1), match.group(2)
                 return self
             if self.proc.poll() is not None:
-                raise AssertionError(f"listener exited with {self.proc.returncode}:\n{self.log()}")
+                raise AssertionError(f"{self.what} exited with {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.02)  # polling a log file for the start-up line, bounded by the deadline
-        raise AssertionError(f"listener did not start within {timeout}s:\n{self.log()}")
+        raise AssertionError(f"{self.what} did not start within {timeout}s:\n{self.log()}")
 
     @property
     def url(self) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODULE, ROOT, Listener, _clean_environ, event_body, run_cli, signed_headers, wait_until
+from conftest import MODULE, ROOT, Listener, event_body, run_cli, signed_headers, wait_until
 from test_lifecycle import NotifySocket
 
 LITESTREAM = shutil.which("litestream") or shutil.which("litestream", path=os.path.dirname(sys.executable))
@@ -148,28 +148,19 @@ class Replicated(Listener):
         self.config = config
         self.set_watchdog_pid = set_watchdog_pid
 
-    def start(self, timeout: float = 30.0) -> "Replicated":
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+    what = "litestream (with the listener as its child)"
+
+    def command(self) -> list[str]:
         serve = f"{sys.executable} {MODULE} --config {self.ini} serve"
         argv = [LITESTREAM, "replicate", "-config", str(self.config), "-exec", serve]
         if self.set_watchdog_pid:
             # systemd names the unit's main process (here litestream) in WATCHDOG_PID.
             argv = ["/bin/sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"', "sh", *argv]
-        env = _clean_environ()
-        env.update(self.env)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(r"listening url=(http://[^/\s]+)(\S+)", self.log())
-            if match:
-                self.base, self.path = match.group(1), match.group(2)
-                return self
-            if self.proc.poll() is not None:
-                raise AssertionError(f"litestream exited with {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.02)  # polling a log file for the start-up line, bounded by the deadline
-        raise AssertionError(f"listener did not start under litestream within {timeout}s:\n{self.log()}")
+        return argv
+
+    def start(self, timeout: float = 30.0) -> "Replicated":
+        super().start(timeout)
+        return self
 
     def child_pid(self) -> int:
         """The listener's PID, from its instance lock file."""
