@@ -2409,10 +2409,12 @@ class Receiver:
     @staticmethod
     def _log_request(level: int, environ: dict, status: int, started: float | None, details: str) -> None:
         """The one line each request gets: never a payload, never a secret."""
+        if not logger.isEnabledFor(level):
+            return
         elapsed = f"{(time.perf_counter() - started) * 1000:.1f}" if started is not None else "-"
-        logger.log(level, "request method=%s path=%s status=%d ms=%s %s remote=%s",
-                   log_value(environ.get("REQUEST_METHOD")), log_value(environ.get("PATH_INFO")), status, elapsed,
-                   details, log_value(environ.get("REMOTE_ADDR")))
+        log_line(level, f"request method={log_value(environ.get('REQUEST_METHOD'))} "
+                        f"path={log_value(environ.get('PATH_INFO'))} status={status} ms={elapsed} {details} "
+                        f"remote={log_value(environ.get('REMOTE_ADDR'))}")
 
     def _reject(self, status: int, reason: str, environ: dict, started: float, message: str) -> bottle.HTTPResponse:
         self._log_request(logging.WARNING, environ, status, started,
@@ -4600,16 +4602,18 @@ class _LineFormatter(logging.Formatter):
         whole = int(created)
         return f"{self._seconds.text(whole)},{int((created - whole) * 1000):03d}"
 
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
+    def line(self, levelno: int, message: str, created: float) -> str:
+        """One log line, without a LogRecord (see log_line)."""
         if not message.isprintable():
             # A second line of defence behind log_value(), for messages from
             # libraries (waitress) too: one record is one line, whatever it holds.
             message = _escape_unprintable(message)
         if self.journal:
-            line = f"<{_PRIORITIES.get(record.levelno, 6)}>{record.levelname} {message}"
-        else:
-            line = f"{self._clock(record.created)} {record.levelname} {message}"
+            return f"<{_PRIORITIES.get(levelno, 6)}>{logging.getLevelName(levelno)} {message}"
+        return f"{self._clock(created)} {logging.getLevelName(levelno)} {message}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.line(record.levelno, record.getMessage(), record.created)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
@@ -4617,20 +4621,136 @@ class _LineFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str = "INFO", stream: Any = None) -> None:
+class _CoalescingStreamHandler(logging.StreamHandler):
+    """Lines go out together: under load, one write() every ``interval`` seconds.
+
+    Every acknowledgement logs a line. Line-buffered, each is a write() to
+    journald's socket, a system call during which another of the threads
+    sharing the one pinned core takes the GIL (bench/README.md measures the
+    cost). Here a line is written at once when the last write was more than
+    ``interval`` ago (an idle service logs as before) or when it is a WARNING
+    or worse (with everything before it, in order); otherwise it waits in the
+    buffer for the flusher thread, at most ``interval`` seconds. The price: a
+    SIGKILL or power cut can lose the INFO lines of the last ``interval``.
+    """
+
+    def __init__(self, stream: Any, interval: float) -> None:
+        super().__init__(stream)
+        self.interval = interval
+        self._last_write = -math.inf
+        self._flush_due = False
+        self._wake = _thread.allocate_lock()  # released to start the flusher's countdown
+        self._wake.acquire()
+        threading.Thread(target=self._run_flusher, name="noyo-log", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called holding the handler's lock (Handler.handle).
+        try:
+            self._write(record.levelno, self.format(record))
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+    def emit_line(self, levelno: int, message: str) -> None:
+        """``message`` as a line of this handler's format, without a LogRecord (log_line)."""
+        formatter = self.formatter
+        self.acquire()
+        try:
+            self._write(levelno, formatter.line(levelno, message, time.time()))  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - as emit: a log line never fails a request
+            self.handleError(logging.makeLogRecord({"msg": message, "levelno": levelno}))
+        finally:
+            self.release()
+
+    def _write(self, levelno: int, line: str) -> None:
+        self.stream.write(line + "\n")
+        now = time.monotonic()
+        if levelno >= logging.WARNING or now - self._last_write >= self.interval:
+            self.stream.flush()
+            self._last_write = now
+        elif not self._flush_due:
+            self._flush_due = True
+            self._wake.release()
+
+    def _run_flusher(self) -> None:
+        while True:
+            self._wake.acquire()
+            time.sleep(self.interval)
+            self.flush()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._flush_due = False
+            self._last_write = time.monotonic()
+            super().flush()
+        finally:
+            self.release()
+
+
+LOG_COALESCE_SECONDS = 0.1
+
+
+def _own_stderr_stream() -> Any:
+    """A block-buffered text stream of its own on stderr's descriptor (None
+    if stderr has none). sys.stderr stays line-buffered for tracebacks and
+    one-line errors, and main() flushes the log before printing one."""
+    try:
+        return open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8",
+                    errors="backslashreplace", closefd=False)
+    except (AttributeError, OSError, ValueError):  # no stderr, or one without a descriptor
+        return None
+
+
+_line_handler: _CoalescingStreamHandler | None = None  # set by configure_logging for serve
+
+
+def log_line(level: int, message: str) -> None:
+    """Log ``message`` (already escaped, no %-arguments) from this module.
+
+    ``serve`` logs a line per request. A LogRecord passed through the logging
+    module's filters and formatter costs several times the line itself, and
+    on a busy core every microsecond of Python counts more than once
+    (bench/README.md). With the coalescing handler installed (``serve``), the
+    line goes straight to it, in the same format and order as every other line.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    handler = _line_handler
+    if handler is None:
+        logger.log(level, "%s", message)
+    else:
+        handler.emit_line(level, message)
+
+
+def flush_logs() -> None:
+    """Write out log lines still held by a coalescing handler."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
+def configure_logging(level: str = "INFO", stream: Any = None, coalesce: bool = False) -> None:
     """Only the entry point configures logging; the module just logs.
 
     The lines never show source file, thread or process, so the logging
     module is told not to collect them (its HOWTO's "Optimization" section):
-    that walk of the stack was a measurable part of every request.
+    that walk of the stack was a measurable part of every request. With
+    ``coalesce`` (``serve``), lines are written to stderr at most every
+    LOG_COALESCE_SECONDS, warnings at once (_CoalescingStreamHandler).
     """
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream or sys.stderr)
+    global _line_handler
+    own = _own_stderr_stream() if coalesce and stream is None else None
+    handler: logging.Handler = _CoalescingStreamHandler(own, LOG_COALESCE_SECONDS) if own is not None \
+        else logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_LineFormatter(journal=bool(os.environ.get("JOURNAL_STREAM"))))
+    _line_handler = handler if isinstance(handler, _CoalescingStreamHandler) else None
     root = logging.getLogger()
+    flush_logs()
     root.handlers[:] = [handler]
     root.setLevel(level)
 
@@ -5428,10 +5548,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse arguments, run a command, turn known errors into one line."""
     args = build_parser().parse_args(argv)
-    configure_logging()
+    configure_logging(coalesce=args.func is cmd_serve)
     try:
         return args.func(args)
     except (ConfigError, StoreError, SyncError) as exc:
+        flush_logs()  # the log lines before it come before it
         print(f"noyo-listener: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

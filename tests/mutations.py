@@ -113,6 +113,37 @@ BREAKAGES = [
           "        window = None\n")],
         ["tests/test_hostile.py"],
         section="http app"),
+    Breakage(
+        "log_flusher_idle", "lines left waiting in the log buffer are never written by the flusher",
+        [("            time.sleep(self.interval)\n            self.flush()\n", "            time.sleep(self.interval)\n")],
+        ["tests/test_request_logs.py::test_lines_left_waiting_are_written_by_the_flusher_within_the_interval",
+         "tests/test_request_logs.py::test_a_burst_is_logged_in_full_while_serving_and_a_refusal_comes_after_it"],
+        section="command line (logging)"),
+    Breakage(
+        "log_no_coalescing", "every log line is its own write again",
+        [("        if levelno >= logging.WARNING or now - self._last_write >= self.interval:\n",
+          "        if True:\n")],
+        ["tests/test_request_logs.py::test_info_lines_wait_together_and_a_warning_writes_them_all_in_order"],
+        section="command line (logging)"),
+    Breakage(
+        "log_warning_waits", "a warning waits in the buffer like an INFO line",
+        [("        if levelno >= logging.WARNING or now - self._last_write >= self.interval:\n",
+          "        if now - self._last_write >= self.interval:\n")],
+        ["tests/test_request_logs.py::test_info_lines_wait_together_and_a_warning_writes_them_all_in_order"],
+        section="command line (logging)"),
+    Breakage(
+        "log_lost_at_exit", "lines still buffered at a stop are dropped",
+        [("            self._last_write = time.monotonic()\n            super().flush()\n",
+          "            self._last_write = time.monotonic()\n"
+          "            if threading.current_thread().name == \"noyo-log\":\n                super().flush()\n")],
+        ["tests/test_request_logs.py::test_sigterm_right_after_a_burst_leaves_no_line_unwritten"],
+        section="command line (logging)"),
+    Breakage(
+        "log_line_unescaped", "the direct log line skips the formatter's escaping",
+        [("        if not message.isprintable():\n            # A second line of defence",
+          "        if False:\n            # A second line of defence")],
+        ["tests/test_request_logs.py::test_the_direct_line_is_the_line_a_log_record_gives"],
+        section="command line (logging)"),
 ]
 
 

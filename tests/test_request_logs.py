@@ -4,16 +4,19 @@ and a journal rate limit that does not drop warnings in a burst."""
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import logging
 import re
 import socket
+import threading
 
 import pytest
 from hypothesis import example, given, strategies as st
 
 import noyo_listener
-from conftest import ROOT, SECRET, event_body, signed_headers
+from conftest import ROOT, SECRET, event_body, signed_headers, wait_until
 
 JOURNAL = {"JOURNAL_STREAM": "8:12345"}  # lines start with a syslog priority, as under systemd
 FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]\S*)')
@@ -146,3 +149,112 @@ def test_the_unit_lets_a_burst_of_request_lines_through_the_journal():
     # one core (bench/README.md). Leave room for warnings on top of a peak.
     lines_per_second = int(burst.group(1)) / int(interval.group(1))
     assert lines_per_second >= 3 * 3500, lines_per_second
+
+
+# --- coalesced writes ----------------------------------------------------------------------------
+
+
+class Published(io.StringIO):
+    """A stream whose readers see only what was flushed, as the journal does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published = ""
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.published = self.getvalue()
+        self.flushes += 1
+
+
+def coalescing(interval: float) -> tuple[logging.Logger, Published]:
+    stream = Published()
+    handler = noyo_listener._CoalescingStreamHandler(stream, interval)
+    handler.setFormatter(noyo_listener._LineFormatter(journal=True))
+    log = logging.Logger("coalescing-test")  # not registered: the real ones are untouched
+    log.addHandler(handler)
+    return log, stream
+
+
+def test_info_lines_wait_together_and_a_warning_writes_them_all_in_order():
+    log, stream = coalescing(interval=3600)
+    log.info("one")  # nothing written for an interval: at once
+    log.info("two")
+    log.info("three")
+    assert stream.published == "<6>INFO one\n" and stream.flushes == 1
+    log.warning("four")
+    assert stream.published == "<6>INFO one\n<6>INFO two\n<6>INFO three\n<4>WARNING four\n"
+    assert stream.flushes == 2
+
+
+def test_lines_left_waiting_are_written_by_the_flusher_within_the_interval():
+    log, stream = coalescing(interval=0.05)
+    for number in range(50):
+        log.info("line %d", number)
+    wait_until(lambda: stream.published.count("\n") == 50, timeout=5, message="the flusher")
+    assert stream.flushes < 50
+
+
+def test_the_direct_line_is_the_line_a_log_record_gives(monkeypatch):
+    stream = Published()
+    handler = noyo_listener._CoalescingStreamHandler(stream, 3600)
+    handler.setFormatter(noyo_listener._LineFormatter(journal=True))
+    monkeypatch.setattr(noyo_listener, "_line_handler", handler)
+    monkeypatch.setattr(noyo_listener.logger, "handlers", [handler])
+    monkeypatch.setattr(noyo_listener.logger, "propagate", False)
+    monkeypatch.setattr(noyo_listener.logger, "level", logging.INFO)
+    noyo_listener.logger.manager._clear_cache()
+    noyo_listener.log_line(logging.INFO, "request status=200 x=\u2028")
+    noyo_listener.logger.info("request status=200 x=\u2028")
+    noyo_listener.log_line(logging.DEBUG, "not at INFO")
+    noyo_listener.logger.warning("flush")
+    assert stream.published.splitlines() == ["<6>INFO request status=200 x=\\u2028"] * 2 + ["<4>WARNING flush"]
+
+
+def post_concurrently(listener, bodies: list[bytes], connections: int = 8) -> list[int]:
+    """POST each body, signed, over ``connections`` keep-alive connections at once."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+    chunks = [bodies[n::connections] for n in range(connections)]
+
+    def send(chunk: list[bytes]) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", listener.port, timeout=30)
+        try:
+            for body in chunk:
+                conn.request("POST", listener.path, body=body, headers=signed_headers(body))
+                response = conn.getresponse()
+                response.read()
+                with lock:
+                    statuses.append(response.status)
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=send, args=(chunk,)) for chunk in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return statuses
+
+
+def acknowledged_ids(listener) -> list[str]:
+    return [fields(line)["event_id"] for line in request_lines(listener) if "status=200" in line]
+
+
+def test_a_burst_is_logged_in_full_while_serving_and_a_refusal_comes_after_it(start_listener):
+    listener = start_listener(env=JOURNAL)
+    bodies = [event_body() for _ in range(150)]  # ~40 KB of lines: less than the buffer holds
+    assert post_concurrently(listener, bodies) == [200] * 150
+    sent = {json.loads(body)["event"]["id"] for body in bodies}
+    wait_until(lambda: set(acknowledged_ids(listener)) == sent, timeout=5, message="every line of the burst")
+    assert listener.post(b"{}", signed_headers(b"{}", secret="wrong"))[0] == 401
+    listener.wait_for_log(r"status=401")
+    assert "status=401" in request_lines(listener)[-1]
+
+
+def test_sigterm_right_after_a_burst_leaves_no_line_unwritten(start_listener):
+    listener = start_listener(env=JOURNAL)
+    bodies = [event_body() for _ in range(150)]
+    assert post_concurrently(listener, bodies) == [200] * 150
+    assert listener.stop() == 0
+    assert sorted(acknowledged_ids(listener)) == sorted(json.loads(body)["event"]["id"] for body in bodies)
+    assert listener.log().splitlines()[-1] == "<6>INFO stopped"  # logged a moment before the exit
