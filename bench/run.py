@@ -8,6 +8,7 @@ Every figure is compared with a baseline measured in the same run.
     python3 bench/run.py            # full run (~10 min)
     python3 bench/run.py --quick    # under 2 minutes
     python3 bench/run.py --parts scrape   # acks/s with and without a /metrics scraper
+    python3 bench/run.py --parts sync     # acks/s with and without serve's own sync pass
 """
 
 from __future__ import annotations
@@ -355,6 +356,87 @@ def scrape_figure(tmp: Path, seconds: float, rounds: int) -> None:
         "(acks/s with a scraper every second / acks/s without)")
 
 
+FAKE_API_SCRIPT = """
+import sys, time, uuid
+sys.path.insert(0, sys.argv[1])
+from fake_noyo import FakeNoyo
+fake = FakeNoyo()
+fake.latency = float(sys.argv[2])
+for n in range(int(sys.argv[3])):
+    for kind in ("difference", "member_snapshot"):
+        fake.put(kind, {"id": str(uuid.UUID(int=n)), "modified": 1})
+fake.start()
+print(fake.url, fake.client_id, fake.client_secret, flush=True)
+sys.stdin.read()  # until the bench closes our stdin
+"""
+
+
+class FakeApi:
+    """The fake Noyo API from tests/ in a process of its own (in this one it
+    would share the load generator's GIL), holding ``objects`` differences
+    and member snapshots; every request takes ``latency`` seconds."""
+
+    def __init__(self, latency: float, objects: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", FAKE_API_SCRIPT, str(ROOT / "tests"), str(latency),
+                                      str(objects)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.url, self.client_id, self.client_secret = self.proc.stdout.readline().split()
+
+    def ini_section(self) -> dict:
+        return {"client_id": self.client_id, "client_secret": self.client_secret,
+                "token_url": self.url + "/auth/public/token", "tracking_url": self.url, "fulfillment_url": self.url}
+
+    def stop(self) -> None:
+        self.proc.stdin.close()  # it serves until its stdin closes
+        self.proc.wait(30)
+
+
+def sync_figure(tmp: Path, seconds: float, rounds: int, rate: float) -> None:
+    """acks/s of a listener whose own reconciliation pass runs (serve's
+    Reconciler, [sync] rate as given: 2 list requests/s is the shipped
+    default) against the same listener without passes, both up and pinned,
+    load alternating between them in rounds. The pass walks ``objects`` new
+    differences, so every item it applies is a write. Fetching is off in both
+    (the load's events are stored as ignored), so the pass is the only difference."""
+    # Enough objects that the pass is still writing new ones when the last
+    # round ends (at most 50 pages of 100 a second: the fake API's 20 ms).
+    objects = max(20_000, int(min(rate, 50) * 100 * (rounds * 2 * (seconds + 2) + 30)))
+    api = FakeApi(0.02, objects)
+    common = {"noyo_api": api.ini_section(), "fetch": {"difference": "", "member_snapshot": ""}}
+    try:
+        plain = listener(write_ini(tmp, "sync-off", sync={"interval": 0}, **common), {SERVER_CPU})
+        syncing = listener(write_ini(tmp, "sync-on", sync={"interval": "1s", "rate": rate, "page_size": 100},
+                                     **common), {SERVER_CPU})
+        db = tmp / "sync-on.sqlite3"
+
+        def applied() -> int:
+            with sqlite3.connect(db, timeout=10) as conn:
+                return conn.execute("SELECT COUNT(*) FROM differences").fetchone()[0]
+        results: dict[str, list[dict]] = {"without": [], "with": []}
+        applied_per_s: list[float] = []
+        try:
+            for number in range(rounds):
+                for name in (("without", "with") if number % 2 == 0 else ("with", "without")):
+                    if name == "without":
+                        results[name].append(drive(plain.port, 16, seconds, {CLIENT_CPU}))
+                        continue
+                    before, started = applied(), time.monotonic()
+                    results[name].append(drive(syncing.port, 16, seconds, {CLIENT_CPU}))
+                    applied_per_s.append((applied() - before) / (time.monotonic() - started))
+        finally:
+            plain.stop()
+            syncing.stop()
+    finally:
+        api.stop()
+    for name, runs in results.items():
+        say(f"listener c=16 pinned sync_pass={'running' if name == 'with' else 'none'} "
+            f"rps={median([r['rps'] for r in runs]):.0f} p99_ms={median([r['p99_ms'] for r in runs]):.1f} "
+            f"non_2xx={sum(r['non_2xx'] for r in runs)} (median of {rounds} rounds)")
+    ratios = [w["rps"] / o["rps"] for o, w in zip(results["without"], results["with"]) if o["rps"]]
+    say(f"sync_ratio={median(ratios):.2f} round_ratios={','.join(f'{r:.2f}' for r in ratios)} "
+        f"sync_rate={rate:g}/s objects_applied_per_s={median(applied_per_s):.0f} objects_listed={objects} "
+        "(acks/s while serve's own pass writes new objects / acks/s of the same listener without passes)")
+
+
 def drain_figures(tmp: Path, objects: int, latency: float) -> None:
     from fake_noyo import FakeNoyo
     for burst in (False, True):
@@ -406,19 +488,6 @@ def drain_figures(tmp: Path, objects: int, latency: float) -> None:
                 f"ideal_fetches_per_s={concurrency / latency:.0f}")
 
 
-FAKE_API_SCRIPT = """
-import sys, time, uuid
-sys.path.insert(0, sys.argv[1])
-from fake_noyo import FakeNoyo
-fake = FakeNoyo()
-fake.latency = float(sys.argv[2])
-for n in range(int(sys.argv[3])):
-    for kind in ("difference", "member_snapshot"):
-        fake.put(kind, {"id": str(uuid.UUID(int=n)), "modified": 1})
-fake.start()
-print(fake.url, fake.client_id, fake.client_secret, flush=True)
-sys.stdin.read()  # until the bench closes our stdin
-"""
 
 
 def burst_figure(tmp: Path, events: int, objects: int, latency: float, concurrency: int, limit: float) -> None:
@@ -427,13 +496,10 @@ def burst_figure(tmp: Path, events: int, objects: int, latency: float, concurren
     time to acknowledge all, time until none is pending, peak RSS, database
     size. The fake API runs in its own process (in this one it would share
     the load generator's GIL); the server is pinned as the unit pins it."""
-    fake = subprocess.Popen([sys.executable, "-c", FAKE_API_SCRIPT, str(ROOT / "tests"), str(latency), str(objects)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    api = FakeApi(latency, objects)
     try:
-        url, client_id, client_secret = fake.stdout.readline().split()
-        ini = write_ini(tmp, "burst", worker={"concurrency": concurrency}, sync={"interval": 0}, noyo_api={
-            "client_id": client_id, "client_secret": client_secret,
-            "token_url": url + "/auth/public/token", "tracking_url": url, "fulfillment_url": url})
+        ini = write_ini(tmp, "burst", worker={"concurrency": concurrency}, sync={"interval": 0},
+                        noyo_api=api.ini_section())
         db = tmp / "burst.sqlite3"
         requests = loadgen.build_requests(events, data_ids=objects)
         server = listener(ini, {SERVER_CPU})
@@ -464,8 +530,7 @@ def burst_figure(tmp: Path, events: int, objects: int, latency: float, concurren
         finally:
             server.stop()
     finally:
-        fake.stdin.close()
-        fake.wait(30)
+        api.stop()
     say(f"burst events={events} objects={objects} c=64 acked={result['ok']} stored={stored} non_2xx={result['non_2xx']} "
         f"errors={result['errors']} ack_seconds={acked - started:.1f} acks_per_s={result['rps']:.0f} "
         f"p99_ms={result['p99_ms']:.1f} drain_seconds={drained - started:.1f} "
@@ -481,8 +546,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="length of each HTTP run")
     parser.add_argument("--policy", choices=sorted(POLICIES), default="other",
                         help="both servers' scheduling policy (default: other, the kernel's and the unit's)")
-    parser.add_argument("--parts", default="drain,rss,bigtable,scrape,burst,http",
-                        help="comma-separated subset of: drain, rss, bigtable, scrape, burst, http (default: all)")
+    parser.add_argument("--parts", default="drain,rss,bigtable,scrape,sync,burst,http",
+                        help="comma-separated subset of: drain, rss, bigtable, scrape, sync, burst, http "
+                             "(default: all)")
+    parser.add_argument("--sync-rate", type=float, default=2,
+                        help="[sync] rate of the sync figure's pass (default 2, the shipped default)")
     parser.add_argument("--burst-events", type=int, default=100_000, help="events in the burst figure")
     parser.add_argument("--burst-objects", type=int, default=0,
                         help="objects they point to (default: one per event, as a large member snapshot sends)")
@@ -499,7 +567,10 @@ def main() -> None:
         if args.quick:
             if "drain" in parts:
                 drain_figures(tmp, 100, 0.02)
-            if "burst" in parts and args.parts != parser.get_default("parts"):  # only when asked for
+            asked = args.parts != parser.get_default("parts")  # these two only when asked for
+            if "sync" in parts and asked:
+                sync_figure(tmp, seconds, rounds=3, rate=args.sync_rate)
+            if "burst" in parts and asked:
                 burst_figure(tmp, args.burst_events, args.burst_objects or args.burst_events, 0.02, 8, limit=300)
             figures = http_figures(tmp, seconds, [64, 16], ["pinned"], rounds=3) if "http" in parts else {}
         else:
@@ -511,6 +582,8 @@ def main() -> None:
                 big_table_figure(tmp, 1_000_000, seconds, rounds=5)
             if "scrape" in parts:
                 scrape_figure(tmp, seconds, rounds=6)
+            if "sync" in parts:
+                sync_figure(tmp, seconds, rounds=6, rate=args.sync_rate)
             if "burst" in parts:
                 burst_figure(tmp, args.burst_events, args.burst_objects or args.burst_events, 0.02, 8, limit=900)
             figures = http_figures(tmp, seconds, [64, 16], ["unpinned", "pinned"], rounds=5) if "http" in parts else {}
