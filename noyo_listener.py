@@ -38,6 +38,7 @@ import fcntl
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -4639,8 +4640,7 @@ class _CoalescingStreamHandler(logging.StreamHandler):
         self.interval = interval
         self._last_write = -math.inf
         self._flush_due = False
-        self._wake = _thread.allocate_lock()  # released to start the flusher's countdown
-        self._wake.acquire()
+        self._wake = threading.Event()  # set to start the flusher's countdown
         threading.Thread(target=self._run_flusher, name="noyo-log", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -4671,13 +4671,17 @@ class _CoalescingStreamHandler(logging.StreamHandler):
             self._last_write = now
         elif not self._flush_due:
             self._flush_due = True
-            self._wake.release()
+            self._wake.set()
 
     def _run_flusher(self) -> None:
         while True:
-            self._wake.acquire()
+            self._wake.wait()
+            self._wake.clear()
             time.sleep(self.interval)
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a failed write (disk full, EPIPE) loses lines, never this thread
+                pass
 
     def flush(self) -> None:
         self.acquire()
@@ -4687,6 +4691,39 @@ class _CoalescingStreamHandler(logging.StreamHandler):
             super().flush()
         finally:
             self.release()
+
+
+class _StderrAfterLog(io.TextIOBase):
+    """``sys.stderr`` while a coalescing handler logs: what is written straight
+    to stderr (a traceback, a warning, a one-line error) goes out through the
+    handler's stream, after the log lines before it instead of ahead of them."""
+
+    def __init__(self, handler: _CoalescingStreamHandler) -> None:
+        super().__init__()
+        self._handler = handler
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        handler = self._handler
+        handler.acquire()
+        try:
+            handler.stream.write(text)
+            handler.stream.flush()
+        finally:
+            handler.release()
+        return len(text)
+
+    def flush(self) -> None:
+        self._handler.flush()
+
+    def fileno(self) -> int:
+        return self._handler.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._handler.stream.encoding
 
 
 LOG_COALESCE_SECONDS = 0.1
@@ -4748,9 +4785,13 @@ def configure_logging(level: str = "INFO", stream: Any = None, coalesce: bool = 
     handler: logging.Handler = _CoalescingStreamHandler(own, LOG_COALESCE_SECONDS) if own is not None \
         else logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_LineFormatter(journal=bool(os.environ.get("JOURNAL_STREAM"))))
-    _line_handler = handler if isinstance(handler, _CoalescingStreamHandler) else None
     root = logging.getLogger()
     flush_logs()
+    if isinstance(handler, _CoalescingStreamHandler):
+        _line_handler = handler
+        sys.stderr = _StderrAfterLog(handler)
+    else:
+        _line_handler = None
     root.handlers[:] = [handler]
     root.setLevel(level)
 

@@ -159,6 +159,7 @@ class Listener:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.what} exited with {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.02)  # polling a log file for the start-up line, bounded by the deadline
+        self.kill()  # not left running by a test that never got to stop it
         raise AssertionError(f"{self.what} did not start within {timeout}s:\n{self.log()}")
 
     @property

@@ -195,6 +195,80 @@ def test_lines_left_waiting_are_written_by_the_flusher_within_the_interval():
     assert stream.flushes < 50
 
 
+class FailsOnce(Published):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next = False
+
+    def flush(self) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(28, "No space left on device")
+        super().flush()
+
+
+def test_the_flusher_outlives_a_write_that_fails():
+    stream = FailsOnce()
+    handler = noyo_listener._CoalescingStreamHandler(stream, 0.05)
+    handler.setFormatter(noyo_listener._LineFormatter(journal=True))
+    log = logging.Logger("coalescing-test")
+    log.addHandler(handler)
+    log.info("one")
+    stream.fail_next = True
+    log.info("two")  # waits; the flusher's write of it fails
+    wait_until(lambda: not stream.fail_next, timeout=5, message="the failing flush")
+    log.info("three")  # waits too: the flusher must still be there to write it
+    wait_until(lambda: "three" in stream.published, timeout=5, message="a line after the failure")
+
+
+def test_a_flush_from_outside_between_lines_is_harmless():
+    log, stream = coalescing(interval=3600)
+    errors = []
+    log.handlers[0].handleError = lambda record: errors.append(record)  # type: ignore[method-assign]
+    log.info("one")
+    log.info("two")
+    noyo_listener.flush_logs()  # what main() and logging.shutdown do
+    log.handlers[0].flush()
+    log.info("three")
+    log.handlers[0].flush()
+    log.info("four")
+    log.warning("five")
+    assert errors == []
+    assert [line.split()[-1] for line in stream.published.splitlines()] == ["one", "two", "three", "four", "five"]
+
+
+STDERR_ORDER = """
+import logging, sys, warnings
+sys.path.insert(0, sys.argv[1])
+import noyo_listener
+noyo_listener.configure_logging(coalesce=True)
+log = logging.getLogger("noyo_listener")
+log.info("first")
+log.info("second, waiting in the buffer")
+try:
+    raise RuntimeError("a bug")
+except RuntimeError:
+    import traceback
+    traceback.print_exc()  # what bottle and threading do with an uncaught error: straight to stderr
+warnings.warn("a warning")
+print("noyo-listener: error: one line", file=sys.stderr)
+log.info("third")
+"""
+
+
+def test_what_goes_straight_to_stderr_comes_after_the_lines_logged_before_it(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "stderr.txt"
+    with open(out, "wb") as stderr:
+        subprocess.run([sys.executable, "-c", STDERR_ORDER, str(ROOT)], stderr=stderr, timeout=30, check=True)
+    text = out.read_text()
+    order = [text.index(marker) for marker in
+             ("INFO first", "INFO second", "Traceback", "RuntimeError: a bug", "UserWarning: a warning",
+              "noyo-listener: error: one line", "INFO third")]
+    assert order == sorted(order), text
+
+
 def test_the_direct_line_is_the_line_a_log_record_gives(monkeypatch):
     stream = Published()
     handler = noyo_listener._CoalescingStreamHandler(stream, 3600)
@@ -244,9 +318,10 @@ def test_a_burst_is_logged_in_full_while_serving_and_a_refusal_comes_after_it(st
     listener = start_listener(env=JOURNAL)
     bodies = [event_body() for _ in range(150)]  # ~40 KB of lines: less than the buffer holds
     assert post_concurrently(listener, bodies) == [200] * 150
+    # At once, while the last lines of the burst may still wait in the buffer:
+    assert listener.post(b"{}", signed_headers(b"{}", secret="wrong"))[0] == 401
     sent = {json.loads(body)["event"]["id"] for body in bodies}
     wait_until(lambda: set(acknowledged_ids(listener)) == sent, timeout=5, message="every line of the burst")
-    assert listener.post(b"{}", signed_headers(b"{}", secret="wrong"))[0] == 401
     listener.wait_for_log(r"status=401")
     assert "status=401" in request_lines(listener)[-1]
 
