@@ -203,6 +203,17 @@ def http_figures(tmp: Path, seconds: float, connections: list[int], modes: list[
     return figures
 
 
+def medians(runs: list[dict]) -> str:
+    """acks/s and p99 of a condition's rounds, as medians."""
+    return f"rps={median([r['rps'] for r in runs]):.0f} p99_ms={median([r['p99_ms'] for r in runs]):.1f}"
+
+
+def round_ratios(base: list[dict], other: list[dict]) -> tuple[float, str]:
+    """The median of ``other``/``base`` acks/s over rounds run back to back, and each round's ratio."""
+    ratios = [o["rps"] / b["rps"] for b, o in zip(base, other) if b["rps"]]
+    return median(ratios), ",".join(f"{r:.2f}" for r in ratios)
+
+
 def prefill(db: Path, rows: int) -> None:
     """``rows`` done events with realistic payloads, written straight to the file."""
     import noyo_listener
@@ -244,11 +255,10 @@ def big_table_figure(tmp: Path, rows: int, seconds: float, rounds: int) -> None:
         for server in servers.values():
             server.stop()
     for name, runs in results.items():
-        say(f"listener c=16 pinned table={name} rows_before={0 if name == 'empty' else rows} "
-            f"rps={median([r['rps'] for r in runs]):.0f} p99_ms={median([r['p99_ms'] for r in runs]):.1f} "
+        say(f"listener c=16 pinned table={name} rows_before={0 if name == 'empty' else rows} {medians(runs)} "
             f"(median of {rounds} rounds)")
-    ratios = [f["rps"] / e["rps"] for e, f in zip(results["empty"], results["full"]) if e["rps"]]
-    say(f"big_table_ratio={median(ratios):.2f} rows={rows} round_ratios={','.join(f'{r:.2f}' for r in ratios)} "
+    ratio, each = round_ratios(results["empty"], results["full"])
+    say(f"big_table_ratio={ratio:.2f} rows={rows} round_ratios={each} "
         f"(acks/s with {rows} rows / acks/s with an empty table)")
 
 
@@ -344,11 +354,10 @@ def scrape_figure(tmp: Path, seconds: float, rounds: int) -> None:
     with sqlite3.connect(tmp / "scrape.sqlite3") as conn:
         rows = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
     for name, runs in results.items():
-        say(f"listener c=16 pinned scraper={name} rps={median([r['rps'] for r in runs]):.0f} "
-            f"p99_ms={median([r['p99_ms'] for r in runs]):.1f} cpu_us_per_ack={median(cpu[name]) * 1e6:.0f} "
+        say(f"listener c=16 pinned scraper={name} {medians(runs)} cpu_us_per_ack={median(cpu[name]) * 1e6:.0f} "
             f"(median of {rounds} rounds)")
-    ratios = [w["rps"] / o["rps"] for o, w in zip(results["without"], results["with"]) if o["rps"]]
-    say(f"scrape_ratio={median(ratios):.2f} round_ratios={','.join(f'{r:.2f}' for r in ratios)} "
+    ratio, each = round_ratios(results["without"], results["with"])
+    say(f"scrape_ratio={ratio:.2f} round_ratios={each} "
         f"scrapes={len(scrapes)} scrape_failures={failures} scrape_p50_ms={median(scrapes) * 1000:.1f} "
         f"scrape_max_ms={max(scrapes) * 1000:.1f} rows_at_end={rows} "
         f"cpu_per_ack_ratio={median(cpu['with']) / median(cpu['without']):.2f} "
@@ -428,11 +437,10 @@ def sync_figure(tmp: Path, seconds: float, rounds: int, rate: float) -> None:
     finally:
         api.stop()
     for name, runs in results.items():
-        say(f"listener c=16 pinned sync_pass={'running' if name == 'with' else 'none'} "
-            f"rps={median([r['rps'] for r in runs]):.0f} p99_ms={median([r['p99_ms'] for r in runs]):.1f} "
+        say(f"listener c=16 pinned sync_pass={'running' if name == 'with' else 'none'} {medians(runs)} "
             f"non_2xx={sum(r['non_2xx'] for r in runs)} (median of {rounds} rounds)")
-    ratios = [w["rps"] / o["rps"] for o, w in zip(results["without"], results["with"]) if o["rps"]]
-    say(f"sync_ratio={median(ratios):.2f} round_ratios={','.join(f'{r:.2f}' for r in ratios)} "
+    ratio, each = round_ratios(results["without"], results["with"])
+    say(f"sync_ratio={ratio:.2f} round_ratios={each} "
         f"sync_rate={rate:g}/s objects_applied_per_s={median(applied_per_s):.0f} objects_listed={objects} "
         "(acks/s while serve's own pass writes new objects / acks/s of the same listener without passes)")
 
